@@ -1,0 +1,350 @@
+"""``MT2STCallback``: moves a multi-task LightningModule to single-task training.
+
+The only stateful piece of MT2ST and the only one that decides. At each optimizer-step boundary it writes
+the auxiliary weights into the module (``MT2STMixin.task_weights``); when a task is finished it drops the
+head for real: the forward stops running it, its parameters are frozen with no gradient, its optimizer
+state is freed, and the DDP reducer is rebuilt without it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from mt2st_lightning import adaptive
+from mt2st_lightning.mixin import MT2STMixin, mt2st_module
+from mt2st_lightning.schedules import ADAPTIVE_STRATEGIES, STRATEGIES, Param, Schedule, schedules_for
+
+__all__ = ["MT2STCallback"]
+
+Unit = Literal["step", "epoch"]
+NonFinitePolicy = Literal["raise", "skip", "off"]
+
+
+class MT2STCallback(Callback):
+    r"""Weigh, then drop, a module's auxiliary tasks (MT2ST).
+
+    Args:
+        strategy: ``"stl"``, ``"mtl"``, ``"diminish"``, ``"switch"``, or an adaptive one: ``"gradnorm"``
+            (eq. 13), ``"fisher"`` (eq. 14), ``"noise"`` (eq. 15). See :func:`~mt2st_lightning.schedules_for`.
+        schedules: instead of a named strategy, one :class:`~mt2st_lightning.Schedule` per auxiliary task.
+        gamma0, eta, nu, switch_at, prune_below: the strategy's parameters; each one value, or a mapping from
+            auxiliary task to its own value. ``switch_at`` is an int (step or epoch, per ``unit``) or a float
+            in (0, 1), a fraction of the run (``Trainer.estimated_stepping_batches`` optimizer steps).
+        unit: ``"step"`` counts optimizer steps (``trainer.global_step``), ``"epoch"`` counts epochs.
+        budget: the adaptive strategies' ``lambda``: their factors sum to it.
+        adapt_every: the adaptive strategies measure every this many optimizer steps; the new factors apply
+            from the next step on. ``gradnorm``/``fisher`` cost one extra backward per active task then.
+        adapt_decay: exponential smoothing of the measured statistics, in [0, 1).
+        on_nonfinite: what a NaN/inf task loss does: ``"raise"`` stops training with the task named,
+            ``"skip"`` drops the step's update (all ranks agree), ``"off"`` checks nothing and so adds no
+            host-device synchronisation.
+        save_single_task: a file name (relative to the run's log directory) or path: at the end of training,
+            if auxiliary heads were dropped, the primary-only model is saved there, loadable with
+            ``Model.load_from_checkpoint(path, strict=False)``.
+        log_weights: log ``mt2st/weight/<task>`` and ``mt2st/active_tasks`` every step.
+    """
+
+    def __init__(
+        self,
+        strategy: str | None = None,
+        *,
+        schedules: Mapping[str, Schedule] | None = None,
+        gamma0: Param = 1.0,
+        eta: Param = 0.01,
+        nu: Param = 1.0,
+        switch_at: Param = None,
+        prune_below: Param = None,
+        unit: Unit = "step",
+        budget: float = 1.0,
+        adapt_every: int = 10,
+        adapt_decay: float = 0.9,
+        on_nonfinite: NonFinitePolicy = "raise",
+        save_single_task: str | None = None,
+        log_weights: bool = True,
+    ) -> None:
+        if strategy is None and schedules is None:
+            raise ValueError(f"give MT2STCallback a strategy (one of {', '.join(STRATEGIES)}) or per-task schedules")
+        if schedules is not None:
+            bad = {t: s for t, s in schedules.items() if not isinstance(s, Schedule)}
+            if bad:
+                raise TypeError(f"schedules must map task names to Schedule objects, got {bad}")
+            strategy = strategy if strategy in ADAPTIVE_STRATEGIES else "custom"
+        if strategy not in STRATEGIES and strategy != "custom":
+            raise ValueError(f"unknown MT2ST strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if unit not in ("step", "epoch"):
+            raise ValueError(f"unit must be 'step' or 'epoch', got {unit!r}")
+        if on_nonfinite not in ("raise", "skip", "off"):
+            raise ValueError(f"on_nonfinite must be 'raise', 'skip' or 'off', got {on_nonfinite!r}")
+        if not (isinstance(adapt_every, int) and adapt_every >= 1):
+            raise ValueError(f"adapt_every must be an int >= 1, got {adapt_every!r}")
+        if not 0.0 <= adapt_decay < 1.0:
+            raise ValueError(f"adapt_decay must lie in [0, 1), got {adapt_decay}")
+        if not (math.isfinite(budget) and budget > 0):
+            raise ValueError(f"budget must be a finite number > 0, got {budget}")
+        self.strategy = strategy
+        self._params = dict(gamma0=gamma0, eta=eta, nu=nu, switch_at=switch_at, prune_below=prune_below)
+        if schedules is None:
+            # Fail at construction, not at fit time, where the values are scalars: the task names of a
+            # per-task mapping are only known once the module is attached.
+            scalars = {k: v for k, v in self._params.items() if not isinstance(v, Mapping)}
+            schedules_for(strategy, ["<any task>"], **scalars)
+        self._given_schedules = dict(schedules) if schedules is not None else None
+        self.unit = unit
+        self.budget = float(budget)
+        self.adapt_every = adapt_every
+        self.adapt_decay = adapt_decay
+        self.on_nonfinite = on_nonfinite
+        self.save_single_task = save_single_task
+        self.log_weights = log_weights
+
+        self.schedules: dict[str, Schedule] = {}
+        # State (saved in checkpoints).
+        self.total: float | None = None  # the run's planned length, in ``unit``, resolved once
+        self.drop_times: dict[str, int] = {}  # task -> time (in ``unit``) at which its head was dropped
+        self._stats: dict[str, Tensor] = {}  # adaptive statistics, smoothed
+        self._factors: dict[str, float] = {}  # adaptive factors in use
+        # Per-process bookkeeping (not saved).
+        self._last_time: int | None = None
+        self._measured_time: int | None = None
+        self._skip_update = False
+        self._restored = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(strategy=self.strategy, unit=self.unit)
+
+    @property
+    def is_adaptive(self) -> bool:
+        return self.strategy in ADAPTIVE_STRATEGIES
+
+    # ------------------------------------------------------------------ setting up: fail before training
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        module = mt2st_module(pl_module)
+        aux = module.auxiliary_tasks
+        if self._given_schedules is not None:
+            unknown = sorted(set(self._given_schedules) - set(aux))
+            missing = sorted(set(aux) - set(self._given_schedules))
+            if unknown or missing:
+                raise ValueError(
+                    f"schedules must cover exactly the module's auxiliary tasks {list(aux)}: "
+                    + (f"unknown {unknown}" if unknown else "")
+                    + ("; " if unknown and missing else "")
+                    + (f"missing {missing}" if missing else "")
+                )
+            self.schedules = dict(self._given_schedules)
+        else:
+            self.schedules = schedules_for(self.strategy, aux, **self._params)
+        _check_can_drop(trainer.strategy)
+        # A fresh plan for every fit; a resumed fit gets its saved state back right after this hook.
+        self.total, self.drop_times, self._stats, self._factors = None, {}, {}, {}
+        self._restored = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(trainer.optimizers) > 1 and self.unit == "step":
+            raise RuntimeError(
+                f"MT2STCallback(unit='step') counts schedule time in optimizer steps, and this module configures "
+                f"{len(trainer.optimizers)} optimizers, each of which advances trainer.global_step. Put all "
+                "parameters in one optimizer (param groups may differ), or use unit='epoch'."
+            )
+        if not self._restored:  # a resumed run keeps the plan it was started with
+            total = self._planned_total(trainer)
+            # Every rank must switch at the same step: take rank 0's plan and make sure all ranks agree.
+            total = trainer.strategy.broadcast(total, src=0)
+            self.total = total
+        for schedule in self.schedules.values():
+            schedule.validate(self.total)
+        self._last_time = None
+        self._measured_time = None
+
+    def _planned_total(self, trainer: pl.Trainer) -> float | None:
+        if self.unit == "epoch":
+            return float(trainer.max_epochs) if trainer.max_epochs not in (None, -1) else None
+        total = trainer.estimated_stepping_batches
+        return float(total) if math.isfinite(total) else None
+
+    # ------------------------------------------------------------------ each optimizer-step boundary
+    def _time(self, trainer: pl.Trainer) -> int:
+        return trainer.global_step if self.unit == "step" else trainer.current_epoch
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        module: MT2STMixin = pl_module  # type: ignore[assignment]
+        t = self._time(trainer)
+        if t != self._last_time:
+            # Within one gradient-accumulation window the time does not move, so neither do the weights.
+            self._last_time = t
+            finished = [task for task in module.active_tasks[1:] if self.schedules[task].finished(t, self.total)]
+            if finished:
+                self._drop(trainer, module, finished, t)
+            aux = module.active_tasks[1:]
+            default = self.budget / len(aux) if self.is_adaptive and aux else 1.0
+            module.task_weights = {
+                task: self.schedules[task](t, self.total) * self._factors.get(task, default) for task in aux
+            }
+        if self.log_weights:
+            weights = module.task_weights
+            metrics = {f"mt2st/weight/{task}": weights.get(task, 0.0) for task in module.auxiliary_tasks}
+            metrics["mt2st/active_tasks"] = float(len(weights))
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+    def _drop(self, trainer: pl.Trainer, module: MT2STMixin, tasks: list[str], t: int) -> None:
+        params = {id(p): p for task in tasks for p in module.drop_task(task)}
+        for optimizer in trainer.optimizers:
+            for p in params.values():
+                optimizer.state.pop(p, None)
+        _rebuild_ddp_reducer(trainer.strategy)
+        for task in tasks:
+            self.drop_times[task] = t
+            self._factors.pop(task, None)
+        rank_zero_info(
+            f"MT2ST ({self.strategy}): auxiliary task(s) {tasks} finished at {self.unit} {t}; their heads left "
+            f"the computation. Active tasks: {list(module.active_tasks)}"
+        )
+
+    # ------------------------------------------------------------------ between forward and backward
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        module: MT2STMixin = pl_module  # type: ignore[assignment]
+        losses = module.last_task_losses
+        if losses is None:
+            return
+        if self.on_nonfinite != "off":
+            self._check_finite(trainer, losses)
+        if self.is_adaptive and self._measured_time != self._last_time and self._last_time % self.adapt_every == 0:
+            self._measured_time = self._last_time
+            self._measure(trainer, module, losses)
+
+    def _check_finite(self, trainer: pl.Trainer, losses: Mapping[str, Tensor]) -> None:
+        stacked = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
+        local_ok = bool(stacked.isfinite().all())
+        # Each rank sees its own batch; all of them must take the same decision.
+        all_ok = trainer.strategy.reduce_boolean_decision(local_ok, all=True)
+        if all_ok:
+            return
+        bad = [t for t, v in losses.items() if not bool(torch.isfinite(v.detach()).all())]
+        where = f"task(s) {bad}" if bad else "another rank's loss"
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(
+                f"MT2ST: non-finite loss in {where} at {self.unit} {self._last_time}. Lower the learning rate or "
+                "the auxiliary weights, or pass MT2STCallback(on_nonfinite='skip') to skip such steps."
+            )
+        self._skip_update = True
+
+    def _measure(self, trainer: pl.Trainer, module: MT2STMixin, losses: Mapping[str, Tensor]) -> None:
+        aux = [t for t in module.active_tasks[1:]]
+        if not aux:
+            return
+
+        def reduce(x: Tensor) -> Tensor:
+            return trainer.strategy.reduce(x, reduce_op="mean")
+
+        if self.strategy == "noise":
+            values = reduce(torch.stack([losses[t].detach().float().reshape(()) for t in aux]))
+            for task, v in zip(aux, values):
+                self._stats[f"mean/{task}"] = adaptive.ema(self._stats.get(f"mean/{task}"), v, self.adapt_decay)
+                self._stats[f"sq/{task}"] = adaptive.ema(self._stats.get(f"sq/{task}"), v * v, self.adapt_decay)
+            variances = torch.stack([self._stats[f"sq/{t}"] - self._stats[f"mean/{t}"] ** 2 for t in aux])
+            factors = adaptive.inverse_variance_weights(variances, self.budget)
+        else:
+            tasks = [module.primary_task, *aux]
+            shared = list(module.shared_parameters())
+            sq = adaptive.squared_grad_norms([losses[t] for t in tasks], shared, reduce)
+            for task, v in zip(tasks, sq):
+                self._stats[f"sqnorm/{task}"] = adaptive.ema(self._stats.get(f"sqnorm/{task}"), v, self.adapt_decay)
+            smoothed = torch.stack([self._stats[f"sqnorm/{t}"] for t in tasks])
+            if self.strategy == "gradnorm":
+                factors = adaptive.grad_norm_ratio_weights(smoothed[0], smoothed[1:], self.budget)
+            else:
+                factors = adaptive.fisher_trace_weights(smoothed[1:], self.budget)
+        # Applied from the next step boundary on: the weights stay constant within this step's window.
+        self._factors.update(zip(aux, factors.tolist()))
+
+    # ------------------------------------------------------------------ after backward
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self._skip_update:
+            # The gradients hold a non-finite contribution: drop them, so that this update changes nothing.
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            self._skip_update = False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        pl_module.clear_task_losses()  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------ the end: a deployable model
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        module: MT2STMixin = pl_module  # type: ignore[assignment]
+        if not self.save_single_task or not module.dropped_tasks:
+            return
+        path = Path(self.save_single_task)
+        if not path.is_absolute():
+            path = Path(trainer.log_dir or trainer.default_root_dir) / path
+        checkpoint = {
+            "state_dict": module.single_task_state_dict(),
+            "hyper_parameters": dict(getattr(pl_module, "hparams", {})),
+            "mt2st": {"primary_task": module.primary_task, "dropped_tasks": sorted(module.dropped_tasks)},
+            "pytorch-lightning_version": pl.__version__,
+        }
+        trainer.strategy.save_checkpoint(checkpoint, path)
+        rank_zero_info(f"MT2ST: saved the single-task model to {path}")
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "unit": self.unit,
+            "total": self.total,
+            "drop_times": dict(self.drop_times),
+            "stats": {k: v.cpu() for k, v in self._stats.items()},
+            "factors": dict(self._factors),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("strategy") != self.strategy or state_dict.get("unit") != self.unit:
+            raise ValueError(
+                f"checkpoint holds MT2ST state for strategy={state_dict.get('strategy')!r}, "
+                f"unit={state_dict.get('unit')!r}; this callback has strategy={self.strategy!r}, unit={self.unit!r}"
+            )
+        self.total = state_dict["total"]
+        self.drop_times = dict(state_dict["drop_times"])
+        self._stats = dict(state_dict["stats"])
+        self._factors = dict(state_dict["factors"])
+        self._restored = True
+
+
+def _check_can_drop(strategy: Strategy) -> None:
+    """Head dropping rebuilds DDP's reducer; sharded strategies own flattened parameters and cannot drop."""
+    sharded = "DeepSpeed" in type(strategy).__name__  # a DDPStrategy subclass that shards parameters
+    if not (isinstance(strategy, SingleDeviceStrategy) or (isinstance(strategy, DDPStrategy) and not sharded)):
+        raise RuntimeError(
+            f"MT2STCallback drops auxiliary heads under single-device training and DDP "
+            f"(strategy='ddp', 'ddp_spawn', ...); {type(strategy).__name__} is not supported."
+        )
+
+
+def _rebuild_ddp_reducer(strategy: Strategy) -> None:
+    """Re-wrap the module in DDP so that its reducer only waits for parameters that still need gradients.
+
+    DDP fixes the set of parameters to reduce when it is built; after a head is frozen, plain DDP
+    (``find_unused_parameters=False``) would wait for its gradients forever. Rebuilding at a step boundary
+    costs one broadcast of the module's state, once per drop, and nothing on later steps.
+    """
+    if not isinstance(strategy, DDPStrategy) or not isinstance(strategy.model, DistributedDataParallel):
+        return
+    old = strategy.model
+    if hasattr(old, "_remove_autograd_hooks"):
+        # The old reducer's hooks stay on the parameters until it is garbage-collected; remove them now.
+        old._remove_autograd_hooks()
+    strategy.model = old.module
+    strategy.configure_ddp()

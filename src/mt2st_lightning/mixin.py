@@ -1,0 +1,215 @@
+"""``MT2STMixin``: the LightningModule's side of MT2ST.
+
+The module declares its tasks and computes one loss per *active* task; the mixin weighs them. It takes no
+decisions: ``MT2STCallback`` writes ``task_weights`` and drops finished heads, the module only reads
+``active_tasks`` so that a dropped head's forward never runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+__all__ = ["MT2STMixin"]
+
+_CHECKPOINT_KEY = "mt2st"
+
+
+class MT2STMixin:
+    """Mix into a ``LightningModule`` that has a shared encoder and one head per task.
+
+    Example::
+
+        class MyModel(MT2STMixin, L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.encoder = nn.Sequential(...)
+                self.heads = nn.ModuleDict({"label": ..., "recon": ...})
+                self.declare_tasks(primary="label", heads=self.heads)
+
+            def training_step(self, batch, batch_idx):
+                h = self.encoder(batch["x"])
+                losses = {t: self.loss_fn[t](self.heads[t](h), batch[t]) for t in self.active_tasks}
+                return self.mt2st_loss(losses)
+    """
+
+    def declare_tasks(self, primary: str, heads: Mapping[str, nn.Module]) -> None:
+        """Declare the primary task and the heads of all tasks (primary included), keyed by task name.
+
+        ``heads`` must be registered on the module already (e.g. an ``nn.ModuleDict`` attribute); the mixin
+        keeps a reference, not a second registration.
+        """
+        if not isinstance(self, nn.Module):
+            raise TypeError("MT2STMixin must be mixed into a LightningModule: class M(MT2STMixin, L.LightningModule)")
+        if primary not in heads:
+            raise ValueError(f"primary task {primary!r} has no head; heads are declared for {list(heads)}")
+        registered = {id(m) for m in self.modules()}
+        for task, head in heads.items():
+            if id(head) not in registered:
+                raise ValueError(
+                    f"the head of task {task!r} is not a submodule of {type(self).__name__}; assign the heads "
+                    "to the module first (self.heads = nn.ModuleDict(...)), then call declare_tasks"
+                )
+        # Plain attributes, set through __dict__ so that nn.Module does not register the heads a second time.
+        self.__dict__["_mt2st_primary"] = primary
+        self.__dict__["_mt2st_heads"] = dict(heads)
+        self.__dict__["_mt2st_dropped"] = set()
+        self.__dict__["_mt2st_weights"] = {task: 1.0 for task in heads}
+        self.__dict__["_mt2st_last_losses"] = None
+
+    # ---------------------------------------------------------------- what the module and the callback read
+    def _require_declared(self) -> None:
+        if "_mt2st_heads" not in self.__dict__:
+            raise RuntimeError(
+                f"{type(self).__name__} uses MT2STMixin but never called self.declare_tasks(primary=..., heads=...)"
+                " in __init__"
+            )
+
+    @property
+    def primary_task(self) -> str:
+        self._require_declared()
+        return self.__dict__["_mt2st_primary"]
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """All declared tasks, primary first."""
+        self._require_declared()
+        primary = self.__dict__["_mt2st_primary"]
+        return (primary, *(t for t in self.__dict__["_mt2st_heads"] if t != primary))
+
+    @property
+    def auxiliary_tasks(self) -> tuple[str, ...]:
+        return self.tasks[1:]
+
+    @property
+    def active_tasks(self) -> tuple[str, ...]:
+        """The tasks whose heads still run: the primary and every auxiliary task not dropped."""
+        dropped = self.__dict__["_mt2st_dropped"] if "_mt2st_heads" in self.__dict__ else ()
+        return tuple(t for t in self.tasks if t not in dropped)
+
+    @property
+    def dropped_tasks(self) -> frozenset[str]:
+        self._require_declared()
+        return frozenset(self.__dict__["_mt2st_dropped"])
+
+    @property
+    def task_weights(self) -> dict[str, float]:
+        """The current loss weight of each active task (the primary's is always 1)."""
+        self._require_declared()
+        weights = self.__dict__["_mt2st_weights"]
+        return {t: weights[t] for t in self.active_tasks}
+
+    @task_weights.setter
+    def task_weights(self, weights: Mapping[str, float]) -> None:
+        self._require_declared()
+        unknown = set(weights) - set(self.auxiliary_tasks)
+        if unknown:
+            raise ValueError(f"task_weights may set auxiliary tasks {list(self.auxiliary_tasks)} only, got {sorted(unknown)}")
+        self.__dict__["_mt2st_weights"].update({t: float(w) for t, w in weights.items()})
+
+    @property
+    def last_task_losses(self) -> Mapping[str, Tensor] | None:
+        """The per-task losses of the current step's ``mt2st_loss`` call (still attached to the graph)."""
+        return self.__dict__.get("_mt2st_last_losses")
+
+    def clear_task_losses(self) -> None:
+        self.__dict__["_mt2st_last_losses"] = None
+
+    def head_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        self._require_declared()
+        return self.__dict__["_mt2st_heads"][task].parameters()
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters outside every head: the shared encoder. The adaptive strategies measure gradients here."""
+        self._require_declared()
+        in_heads = {id(p) for h in self.__dict__["_mt2st_heads"].values() for p in h.parameters()}
+        return (p for p in self.parameters() if id(p) not in in_heads and p.requires_grad)  # type: ignore[attr-defined]
+
+    # ---------------------------------------------------------------- the loss
+    def mt2st_loss(self, losses: Mapping[str, Tensor]) -> Tensor:
+        """``L_0 + sum_k gamma_k * L_k`` in float32, over exactly the active tasks."""
+        self._require_declared()
+        active = self.active_tasks
+        given = set(losses)
+        unknown = given - set(self.tasks)
+        if unknown:
+            raise KeyError(f"loss given for unknown task(s) {sorted(unknown)}; declared tasks are {list(self.tasks)}")
+        dropped = given & self.__dict__["_mt2st_dropped"]
+        if dropped:
+            raise KeyError(
+                f"loss given for dropped task(s) {sorted(dropped)}: their heads have left the computation; "
+                "compute losses only for `self.active_tasks`"
+            )
+        missing = [t for t in active if t not in given]
+        if missing:
+            what = "the primary task" if self.primary_task in missing else "active task(s)"
+            raise KeyError(f"no loss for {what} {missing}; compute one loss for each of `self.active_tasks` = {list(active)}")
+        weights = self.__dict__["_mt2st_weights"]
+        primary = self.primary_task
+        total = losses[primary].float()
+        for task in active[1:]:
+            total = total + weights[task] * losses[task].float()
+        # Read by the callback (finiteness check, adaptive statistics) before backward; it clears it after.
+        self.__dict__["_mt2st_last_losses"] = losses
+        return total
+
+    # ---------------------------------------------------------------- dropping a head
+    def drop_task(self, task: str) -> list[nn.Parameter]:
+        """Take an auxiliary head out of the computation for good: freeze it and free its gradients.
+
+        Returns the head's parameters so that the caller can free their optimizer state. Called by
+        ``MT2STCallback``; the module itself never decides to drop.
+        """
+        self._require_declared()
+        if task == self.primary_task:
+            raise ValueError(f"cannot drop the primary task {task!r}")
+        if task not in self.__dict__["_mt2st_heads"]:
+            raise KeyError(f"unknown auxiliary task {task!r}; auxiliary tasks are {list(self.auxiliary_tasks)}")
+        params = list(self.head_parameters(task))
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        self.__dict__["_mt2st_dropped"].add(task)
+        self.__dict__["_mt2st_weights"][task] = 0.0
+        return params
+
+    def single_task_state_dict(self) -> dict[str, Tensor]:
+        """The module's state without the dropped heads: what a deployed single-task model needs."""
+        self._require_declared()
+        drop = {id(p) for t in self.__dict__["_mt2st_dropped"] for p in self.head_parameters(t)}
+        drop |= {id(b) for t in self.__dict__["_mt2st_dropped"] for b in self.__dict__["_mt2st_heads"][t].buffers()}
+        state = self.state_dict(keep_vars=True)  # type: ignore[attr-defined]
+        return {k: v.detach() for k, v in state.items() if id(v) not in drop}
+
+    # ---------------------------------------------------------------- checkpoints (LightningModule hooks)
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[_CHECKPOINT_KEY] = {"primary_task": self.primary_task, "dropped_tasks": sorted(self.dropped_tasks)}
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(_CHECKPOINT_KEY)
+        if state is not None:
+            self._require_declared()
+            if state["primary_task"] != self.primary_task:
+                raise ValueError(
+                    f"checkpoint was trained with primary task {state['primary_task']!r}, "
+                    f"this module declares {self.primary_task!r}"
+                )
+            for task in state["dropped_tasks"]:
+                self.drop_task(task)
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+
+
+def mt2st_module(module: Any) -> MT2STMixin:
+    """``module`` as an ``MT2STMixin``, or a clear error that says how to make it one."""
+    if not isinstance(module, MT2STMixin):
+        raise TypeError(
+            f"MT2STCallback needs a LightningModule that mixes in MT2STMixin, got {type(module).__name__}; "
+            f"declare it as `class {type(module).__name__}(MT2STMixin, L.LightningModule)` and call "
+            "self.declare_tasks(primary=..., heads=...) in __init__"
+        )
+    module._require_declared()
+    return module
+

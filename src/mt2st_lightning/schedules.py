@@ -1,0 +1,258 @@
+"""Auxiliary-task weight schedules: pure functions of time.
+
+A schedule maps ``(t, total)`` to a weight, where ``t`` counts optimizer steps (or epochs, the callback's
+choice) from 0 and ``total`` is how many the run plans. Schedules hold no state, import nothing from
+Lightning and compose by multiplication, so each one is checked against its formula in isolation.
+
+Besides its weight, a schedule says when its task is *finished*: from that time on the weight is 0 (or
+below a pruning threshold) for good, and the task's head may leave the computation.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+__all__ = [
+    "STRATEGIES",
+    "ADAPTIVE_STRATEGIES",
+    "Constant",
+    "Diminish",
+    "Product",
+    "Schedule",
+    "Switch",
+    "schedules_for",
+]
+
+#: Every strategy name :func:`schedules_for` (and so ``MT2STCallback``) accepts.
+SCHEDULE_STRATEGIES = ("stl", "mtl", "diminish", "switch")
+#: Strategies whose weights are a schedule times a factor measured during training (see ``adaptive.py``).
+ADAPTIVE_STRATEGIES = ("gradnorm", "fisher", "noise")
+STRATEGIES = SCHEDULE_STRATEGIES + ADAPTIVE_STRATEGIES
+
+
+class Schedule(ABC):
+    """A task weight as a pure function of time."""
+
+    @abstractmethod
+    def __call__(self, t: float, total: float | None = None) -> float:
+        """The weight at time ``t`` of a run that plans ``total`` units (``None``: unknown)."""
+
+    @abstractmethod
+    def finished(self, t: float, total: float | None = None) -> bool:
+        """Whether the task is done at ``t``: the weight is then 0 (or pruned) at ``t`` and every later time."""
+
+    def validate(self, total: float | None) -> None:
+        """Raise ``ValueError`` if the schedule cannot be carried out in a run of ``total`` units."""
+
+    def __mul__(self, other: Schedule) -> Product:
+        if not isinstance(other, Schedule):
+            return NotImplemented
+        return Product((self, other))
+
+
+def _check_finite_non_negative(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Constant(Schedule):
+    """``gamma(t) = value``. ``Constant(1.0)`` is plain multi-task learning, ``Constant(0.0)`` single-task."""
+
+    value: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_finite_non_negative("Constant.value", self.value)
+
+    def __call__(self, t: float, total: float | None = None) -> float:
+        return float(self.value)
+
+    def finished(self, t: float, total: float | None = None) -> bool:
+        return self.value == 0
+
+
+@dataclass(frozen=True)
+class Diminish(Schedule):
+    """``gamma(t) = gamma0 * exp(-eta * t ** nu)`` (MT2ST's Diminish).
+
+    With ``prune_below`` set, the task is finished once the weight falls below it: the weight is then
+    reported as 0 and the head may be dropped, exactly as after a switch.
+    """
+
+    gamma0: float = 1.0
+    eta: float = 0.01
+    nu: float = 1.0
+    prune_below: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_finite_non_negative("Diminish.gamma0", self.gamma0)
+        _check_finite_non_negative("Diminish.eta", self.eta)
+        _check_finite_non_negative("Diminish.nu", self.nu)
+        if self.nu == 0:
+            raise ValueError("Diminish.nu must be > 0 (nu = 0 makes the weight constant; use strategy='mtl')")
+        if self.prune_below is not None:
+            _check_finite_non_negative("Diminish.prune_below", self.prune_below)
+            if self.prune_below == 0:
+                raise ValueError("Diminish.prune_below must be > 0, or None to never prune")
+
+    def _raw(self, t: float) -> float:
+        return self.gamma0 * math.exp(-self.eta * float(t) ** self.nu)
+
+    def __call__(self, t: float, total: float | None = None) -> float:
+        return 0.0 if self.finished(t, total) else self._raw(t)
+
+    def finished(self, t: float, total: float | None = None) -> bool:
+        if self.gamma0 == 0:
+            return True
+        return self.prune_below is not None and self._raw(t) < self.prune_below
+
+    def prune_time(self) -> float | None:
+        """The first (real-valued) time at which the weight falls below ``prune_below``; ``None`` if never."""
+        if self.prune_below is None:
+            return None
+        if self.gamma0 < self.prune_below:
+            return 0.0
+        if self.eta == 0:
+            return None
+        return (math.log(self.gamma0 / self.prune_below) / self.eta) ** (1.0 / self.nu)
+
+
+@dataclass(frozen=True)
+class Switch(Schedule):
+    """``gamma(t) = gamma0`` for ``t < at`` and ``0`` from ``at`` on (MT2ST's Switch).
+
+    ``at`` is an int (a time in the callback's unit) or a float in (0, 1): a fraction of the planned total,
+    rounded to the nearest unit.
+    """
+
+    at: Union[int, float]
+    gamma0: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_finite_non_negative("Switch.gamma0", self.gamma0)
+        if isinstance(self.at, bool) or not isinstance(self.at, (int, float)):
+            raise TypeError(f"Switch.at must be an int (step or epoch) or a float in (0, 1), got {self.at!r}")
+        if isinstance(self.at, float) and not 0.0 < self.at < 1.0:
+            raise ValueError(
+                f"Switch.at={self.at!r}: a float is a fraction of the run and must lie in (0, 1); "
+                "pass an int for an absolute step or epoch"
+            )
+        if isinstance(self.at, int) and self.at < 0:
+            raise ValueError(f"Switch.at must be >= 0, got {self.at}")
+
+    def switch_time(self, total: float | None) -> int:
+        """``at`` resolved to a time in the callback's unit."""
+        if isinstance(self.at, int):
+            return self.at
+        if total is None or not math.isfinite(total):
+            raise ValueError(
+                f"Switch.at={self.at} is a fraction of the run, but the run's length is unknown; "
+                "set Trainer(max_steps=...) or Trainer(max_epochs=...), or give an int step"
+            )
+        return int(round(self.at * total))
+
+    def __call__(self, t: float, total: float | None = None) -> float:
+        return 0.0 if self.finished(t, total) else float(self.gamma0)
+
+    def finished(self, t: float, total: float | None = None) -> bool:
+        return self.gamma0 == 0 or t >= self.switch_time(total)
+
+    def validate(self, total: float | None) -> None:
+        at = self.switch_time(total)
+        if total is not None and math.isfinite(total) and at > total:
+            raise ValueError(
+                f"the switch point {at} lies beyond the run's end ({int(total)}): the auxiliary tasks would "
+                "never be dropped; lower switch_at or use strategy='mtl'"
+            )
+
+
+@dataclass(frozen=True)
+class Product(Schedule):
+    """The product of schedules, e.g. ``Diminish(...) * Switch(...)``: finished once any factor is."""
+
+    factors: tuple[Schedule, ...]
+
+    def __post_init__(self) -> None:
+        flat: list[Schedule] = []
+        for f in self.factors:
+            flat.extend(f.factors if isinstance(f, Product) else (f,))
+        object.__setattr__(self, "factors", tuple(flat))
+
+    def __call__(self, t: float, total: float | None = None) -> float:
+        if self.finished(t, total):
+            return 0.0
+        return math.prod(f(t, total) for f in self.factors)
+
+    def finished(self, t: float, total: float | None = None) -> bool:
+        return any(f.finished(t, total) for f in self.factors)
+
+    def validate(self, total: float | None) -> None:
+        for f in self.factors:
+            f.validate(total)
+
+
+Param = Union[float, int, None, Mapping[str, Union[float, int, None]]]
+
+
+def _per_task(name: str, value: Param, task: str, tasks: Sequence[str]) -> float | int | None:
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(tasks))
+        if unknown:
+            raise ValueError(f"{name} names unknown auxiliary task(s) {unknown}; the tasks are {list(tasks)}")
+        if task not in value:
+            raise ValueError(f"{name} gives no value for auxiliary task {task!r}; give one for each of {list(tasks)}")
+        return value[task]
+    return value
+
+
+def schedules_for(
+    strategy: str,
+    tasks: Sequence[str],
+    *,
+    gamma0: Param = 1.0,
+    eta: Param = 0.01,
+    nu: Param = 1.0,
+    switch_at: Param = None,
+    prune_below: Param = None,
+) -> dict[str, Schedule]:
+    """One schedule per auxiliary task for a named MT2ST strategy.
+
+    Every numeric argument is one value for all tasks, or a mapping from task name to its own value.
+
+    - ``stl``: weight 0 from the start; the auxiliary heads never run.
+    - ``mtl``: constant weight ``gamma0``.
+    - ``diminish``: ``gamma0 * exp(-eta * t ** nu)``, finished below ``prune_below`` if given.
+    - ``switch``: ``gamma0`` before ``switch_at``, 0 from it on.
+    - ``gradnorm`` / ``fisher`` / ``noise``: the envelope the adaptive factor is multiplied with:
+      ``Switch(switch_at, gamma0)`` if ``switch_at`` is given, else ``Constant(gamma0)``.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown MT2ST strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    out: dict[str, Schedule] = {}
+    for task in tasks:
+        g0 = _per_task("gamma0", gamma0, task, tasks)
+        at = _per_task("switch_at", switch_at, task, tasks)
+        if strategy == "stl":
+            out[task] = Constant(0.0)
+        elif strategy == "mtl":
+            out[task] = Constant(g0)
+        elif strategy == "diminish":
+            out[task] = Diminish(
+                gamma0=g0,
+                eta=_per_task("eta", eta, task, tasks),
+                nu=_per_task("nu", nu, task, tasks),
+                prune_below=_per_task("prune_below", prune_below, task, tasks),
+            )
+        elif strategy == "switch":
+            if at is None:
+                raise ValueError("strategy='switch' needs switch_at: an int step (or epoch) or a fraction in (0, 1)")
+            out[task] = Switch(at=at, gamma0=g0)
+        else:  # adaptive: the schedule is the envelope
+            out[task] = Constant(g0) if at is None else Switch(at=at, gamma0=g0)
+    return out
