@@ -95,10 +95,7 @@ class MT2STCallback(Callback):
         self.strategy = strategy
         self._params = dict(gamma0=gamma0, eta=eta, nu=nu, switch_at=switch_at, prune_below=prune_below)
         if schedules is None:
-            # Fail at construction, not at fit time, where the values are scalars: the task names of a
-            # per-task mapping are only known once the module is attached.
-            scalars = {k: v for k, v in self._params.items() if not isinstance(v, Mapping)}
-            schedules_for(strategy, ["<any task>"], **scalars)
+            _check_values(strategy, self._params)
         self._given_schedules = dict(schedules) if schedules is not None else None
         self.unit = unit
         self.budget = float(budget)
@@ -321,6 +318,21 @@ class MT2STCallback(Callback):
         self._stats = dict(state_dict["stats"])
         self._factors = dict(state_dict["factors"])
         self._restored = True
+
+
+def _check_values(strategy: str, params: Mapping[str, Param]) -> None:
+    """Fail at construction, not at fit time, on any bad value, per-task values included: only the task
+    names of a per-task mapping wait until the module is attached."""
+
+    def first(value: Param) -> Any:
+        return next(iter(value.values()), None) if isinstance(value, Mapping) else value
+
+    base = {name: first(value) for name, value in params.items()}
+    schedules_for(strategy, ["<any task>"], **base)
+    for name, value in params.items():
+        if isinstance(value, Mapping):
+            for v in value.values():
+                schedules_for(strategy, ["<any task>"], **{**base, name: v})
 
 
 def _check_can_drop(strategy: Strategy) -> None:

@@ -238,6 +238,7 @@ def schedules_for(
     for task in tasks:
         g0 = _per_task("gamma0", gamma0, task, tasks)
         at = _per_task("switch_at", switch_at, task, tasks)
+        _check_finite_non_negative("gamma0", g0)
         if strategy == "stl":
             out[task] = Constant(0.0)
         elif strategy == "mtl":

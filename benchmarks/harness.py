@@ -1,0 +1,332 @@
+"""The measuring machinery: data, the hand-written baselines, Lightning fits with clocks and probes.
+
+Nothing here knows which variants exist: ``variants.py`` lists them and ``run.py`` drives the rounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import logging
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+from torchmetrics import Accuracy, MeanSquaredError
+
+from mt2st_lightning import MT2STCallback
+from mt2st_lightning.data import DigitsDataModule
+from mt2st_lightning.models import MultiTaskModel
+
+from variants import ModelSpec, Variant, resolve_callback
+import patches
+
+PRIMARY = "digit"
+
+# Lightning's chatter (and MT2ST's "heads left the computation" info line) would flood the output.
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+
+
+# ============================================================================== data
+class _Batches(Dataset):
+    """``length`` pre-collated batches, cycling over a fixed list: one epoch, no collation cost, no shuffling.
+
+    Every variant sees batch ``i % len(batches)`` at step ``i``: the same data in the same order.
+    """
+
+    def __init__(self, batches: Sequence[dict[str, Tensor]], length: int) -> None:
+        self.batches = list(batches)
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return self.batches[i % len(self.batches)]
+
+
+@dataclass
+class Data:
+    batches: list[dict[str, Tensor]]
+    task_specs: dict[str, dict[str, Any]]
+
+    def loader(self, steps: int) -> DataLoader:
+        return DataLoader(_Batches(self.batches, steps), batch_size=None, shuffle=False, num_workers=0)
+
+
+def digits_data(batch_size: int, seed: int = 0) -> Data:
+    """The real 8x8 digits (training split) with the three pixel-derived auxiliary targets, pre-batched."""
+    dm = DigitsDataModule(batch_size=batch_size)
+    dm.setup("fit")
+    train = dm.splits["train"].tensors
+    n = len(train["x"])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    batches = []
+    for start in range(0, n - batch_size + 1, batch_size):  # full batches only: every step has the same shape
+        idx = order[start : start + batch_size]
+        batches.append({k: v[idx].contiguous() for k, v in train.items()})
+    return Data(batches, dm.task_specs)
+
+
+# ============================================================================== the modules
+def _loss(kind: str, output: Tensor, target: Tensor) -> Tensor:
+    # What MultiTaskModel.task_loss does.
+    if kind == "classification":
+        return F.cross_entropy(output.float(), target)
+    return F.mse_loss(output.float(), target.float())
+
+
+def _metric(spec: Mapping[str, Any]):
+    if spec["kind"] == "classification":
+        return Accuracy(task="multiclass", num_classes=spec["out_features"])
+    return MeanSquaredError()
+
+
+class PlainMultiTask(pl.LightningModule):
+    """The hand-written baseline: the same encoder and heads, losses summed with fixed weights, no mixin and no
+    callback. With ``tasks == (primary,)`` it is the plain single-task model. Its ``training_step`` does what
+    ``MultiTaskModel.training_step`` does (the same logging and primary metric), minus MT2ST."""
+
+    def __init__(self, encoder: nn.Module, heads: Mapping[str, nn.Module], specs: Mapping[str, Any], primary: str,
+                 weights: Mapping[str, float] | None = None, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.heads = nn.ModuleDict(dict(heads))
+        self.kinds = {t: specs[t]["kind"] for t in heads}
+        self.primary = primary
+        self.aux = tuple(t for t in heads if t != primary)
+        self.weights = {t: float((weights or {}).get(t, 1.0)) for t in self.aux}
+        self.lr, self.weight_decay = lr, weight_decay
+        self.train_metric = _metric(specs[primary])
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        h = self.encoder(batch["x"])
+        outputs = {t: self.heads[t](h) for t in self.heads}
+        losses = {t: _loss(self.kinds[t], out, batch[t]) for t, out in outputs.items()}
+        p = self.primary
+        preds = outputs[p].argmax(-1) if self.kinds[p] == "classification" else outputs[p]
+        self.train_metric(preds, batch[p])
+        n = batch["x"].shape[0]
+        self.log("train/primary_metric", self.train_metric, on_step=False, on_epoch=True, prog_bar=False, batch_size=n)
+        total = losses[p].float()
+        for t in self.aux:
+            total = total + self.weights[t] * losses[t].float()
+        self.log("train/loss", total, prog_bar=True, batch_size=n)
+        self.log_dict({f"train/loss/{t}": v.detach() for t, v in losses.items()}, batch_size=n)
+        return total
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+def build_module(model: ModelSpec, variant: Variant, data: Data, seed: int, compile_encoder: bool = False) -> pl.LightningModule:
+    """The variant's LightningModule. All variants of one model start from the same weights: the plain ones copy
+    the encoder and heads of a freshly seeded ``MultiTaskModel``."""
+    torch.manual_seed(seed)
+    mt = MultiTaskModel(model.make_encoder(), data.task_specs, primary=PRIMARY, head_hidden=model.head_hidden, lr=1e-3)
+    if variant.module == "mt2st":
+        module: pl.LightningModule = mt
+    else:
+        tasks = (PRIMARY,) if variant.module == "plain-stl" else tuple(mt.tasks)
+        module = PlainMultiTask(copy.deepcopy(mt.encoder), {t: copy.deepcopy(mt.heads[t]) for t in tasks},
+                                data.task_specs, PRIMARY, lr=1e-3)
+    if compile_encoder:
+        module.encoder = torch.compile(module.encoder)
+    return module
+
+
+# ============================================================================== clocks and probes
+@dataclass
+class StepLog:
+    """What one fit recorded, one entry per training step."""
+
+    step: list[int] = field(default_factory=list)
+    t_start: list[float] = field(default_factory=list)  # first callback's on_train_batch_start
+    t_end: list[float] = field(default_factory=list)  # last callback's on_train_batch_end
+    active_aux: list[int] = field(default_factory=list)  # auxiliary heads that ran in the step
+    flops: dict[int, int] = field(default_factory=dict)
+    state_bytes: dict[str, int] = field(default_factory=dict)
+    cuda_peak_bytes: int | None = None
+    syncs: list[int] = field(default_factory=list)  # CUDA synchronisations per loop iteration (GPU only)
+
+    def window(self, i: int) -> float:
+        """on_train_batch_start (first callback) .. on_train_batch_end (last callback)."""
+        return self.t_end[i] - self.t_start[i]
+
+    def iteration(self, i: int) -> float:
+        """on_train_batch_start of step i .. of step i+1: everything the loop does for a step, the logger
+        connector's end-of-batch work and the next batch's fetch included."""
+        return self.t_start[i + 1] - self.t_start[i]
+
+
+def _aux_running(pl_module: pl.LightningModule) -> int:
+    active = getattr(pl_module, "active_tasks", None)
+    if active is not None:
+        return len(active) - 1
+    return len(getattr(pl_module, "aux", ()))
+
+
+class _First(Callback):
+    """Placed first in ``callbacks``: its hooks run before MT2STCallback's."""
+
+    def __init__(self, probe: "Probe") -> None:
+        self.p = probe
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.p.start(trainer, pl_module)
+
+
+class _Last(Callback):
+    """Placed last in ``callbacks``: its hooks run after MT2STCallback's."""
+
+    def __init__(self, probe: "Probe") -> None:
+        self.p = probe
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.p.end(trainer, pl_module)
+
+
+class Probe:
+    """The timing clock, and optionally a FLOP counter, a training-state meter or a CUDA sync counter.
+
+    Use ``callbacks = [probe.first, *others, probe.last]``, the same for every variant.
+    """
+
+    def __init__(self, log: StepLog, *, cuda_sync: bool = False, count_flops: bool = False,
+                 measure_state_at: int | None = None, cuda_peak_from: int | None = None,
+                 sync_records: list | None = None, sync_from: int | None = None) -> None:
+        self.log = log
+        self.cuda_sync = cuda_sync
+        self.count_flops = count_flops
+        self.measure_state_at = measure_state_at
+        self.cuda_peak_from = cuda_peak_from
+        self.sync_records = sync_records
+        self.sync_from = sync_from
+        self._counter: FlopCounterMode | None = None
+        self._syncs_at_start = 0
+        self.first, self.last = _First(self), _Last(self)
+
+    def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if self.sync_records is not None and self.sync_from is not None:
+            if step == self.sync_from:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("warn")
+            if step > self.sync_from:
+                self.log.syncs.append(len(self.sync_records) - self._syncs_at_start)
+            self._syncs_at_start = len(self.sync_records)
+        if self.cuda_peak_from is not None and step == self.cuda_peak_from:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        if self.count_flops:
+            self._counter = FlopCounterMode(display=False)
+            self._counter.__enter__()
+        if self.cuda_sync:
+            torch.cuda.synchronize()
+        self.log.step.append(step)
+        self.log.t_start.append(time.perf_counter())
+
+    def end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.cuda_sync:
+            torch.cuda.synchronize()
+        self.log.t_end.append(time.perf_counter())
+        self.log.active_aux.append(_aux_running(pl_module))
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self.log.flops[self.log.step[-1]] = int(self._counter.get_total_flops())
+            self._counter = None
+        if self.measure_state_at is not None and self.log.step[-1] == self.measure_state_at:
+            self.log.state_bytes = training_state_bytes(pl_module, trainer.optimizers)
+
+    def finish(self) -> None:
+        if self.cuda_peak_from is not None:
+            torch.cuda.synchronize()
+            self.log.cuda_peak_bytes = torch.cuda.max_memory_allocated()
+        if self.sync_from is not None:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+# ============================================================================== memory held by training state
+def training_state_bytes(module: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, int]:
+    """Bytes of the storages behind parameters, existing ``.grad`` tensors, optimizer state tensors and buffers,
+    each storage counted once (by device and data pointer)."""
+    seen: set[tuple[str, int]] = set()
+
+    def nbytes(tensors: Iterator[Tensor]) -> int:
+        total = 0
+        for t in tensors:
+            if not isinstance(t, Tensor) or t.device.type == "meta":
+                continue
+            s = t.untyped_storage()
+            key = (str(t.device), s.data_ptr())
+            if s.nbytes() == 0 or key in seen:
+                continue
+            seen.add(key)
+            total += s.nbytes()
+        return total
+
+    params = list(module.parameters())
+    out = {
+        "params": nbytes(iter(params)),
+        "grads": nbytes(p.grad for p in params if p.grad is not None),
+        "optimizer": nbytes(v for opt in optimizers for state in opt.state.values() for v in state.values()),
+        "buffers": nbytes(module.buffers()),
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+# ============================================================================== one fit
+@dataclass
+class FitOptions:
+    steps: int
+    accelerator: str = "cpu"
+    precision: str = "32-true"
+    compile_encoder: bool = False
+    seed: int = 0
+
+
+def make_trainer(opts: FitOptions, callbacks: list[Callback], root: str) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator=opts.accelerator, devices=1, precision=opts.precision, max_steps=opts.steps,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=root, callbacks=callbacks,
+    )
+
+
+def run_fit(model: ModelSpec, variant: Variant, data: Data, opts: FitOptions, **probe_kwargs: Any) -> tuple[StepLog, pl.LightningModule]:
+    """One ``Trainer.fit`` of ``opts.steps`` steps of the variant, under its patches, with a probe."""
+    module = build_module(model, variant, data, opts.seed, opts.compile_encoder)
+    log = StepLog()
+    sync_records: list | None = None
+    catcher: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if probe_kwargs.get("sync_from") is not None:
+        catcher = warnings.catch_warnings(record=True)
+    with catcher as records, patches.applied(variant.patches), tempfile.TemporaryDirectory() as root:
+        if records is not None:
+            warnings.simplefilter("always")
+            sync_records = records
+        probe = Probe(log, cuda_sync=opts.accelerator == "gpu", sync_records=sync_records, **probe_kwargs)
+        extra = [MT2STCallback(**resolve_callback(variant, opts.steps))] if variant.module == "mt2st" else []
+        trainer = make_trainer(opts, [probe.first, *extra, probe.last], root)
+        gc.collect()
+        trainer.fit(module, data.loader(opts.steps))
+        probe.finish()
+    if sync_records is not None:
+        log.syncs = [n for n in log.syncs]  # already per iteration
+    return log, module

@@ -1,0 +1,133 @@
+"""What is measured: the model sizes and the table of variants.
+
+A new strategy (or a new setting of an existing one) is one more ``Variant`` in ``VARIANTS``: ``run.py`` times
+it in the same interleaved rounds as the others, divides by its ``baseline`` and adds a row to the tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from torch import nn
+
+from mt2st_lightning.models import ConvEncoder, MLPEncoder, TransformerEncoder
+
+
+# ============================================================================== model sizes
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    make_encoder: Callable[[], nn.Module]
+    batch_size: int
+    head_hidden: int = 64  # every head is Linear(d, 64) -> ReLU -> Linear(64, out), as MultiTaskModel builds it
+    about: str = ""
+
+
+MODELS: dict[str, ModelSpec] = {
+    m.name: m
+    for m in (
+        ModelSpec("mlp", lambda: MLPEncoder(in_features=64, hidden=128, depth=2), batch_size=64,
+                  about="MLPEncoder 64-128-128; heads about as large as the encoder"),
+        ModelSpec("cnn", lambda: ConvEncoder(in_channels=1, channels=(32, 64)), batch_size=64,
+                  about="ConvEncoder (32, 64) on 8x8; encoder dominates"),
+        ModelSpec("transformer", lambda: TransformerEncoder(image_size=8, d_model=256, nhead=8, num_layers=4,
+                                                            dim_feedforward=1024), batch_size=32,
+                  about="TransformerEncoder d_model 256, 4 layers, ff 1024 (8 row tokens); encoder dominates"),
+    )
+}
+
+# ============================================================================== the variants
+Module = Literal["mt2st", "plain-stl", "plain-mtl"]
+Phase = Literal["pre", "post"]
+
+SWITCH_AT = 3  # optimizer step of the switch: the "post" variants time only steps after it and the warm-up
+# Diminish with pruning, staggered: exp(-eta t) < 0.05 from t = 3, 5 and 7 on; every head is gone at step 7.
+PRUNE = dict(gamma0=1.0, eta={"recon": 1.2, "edges": 0.7, "moments": 0.45}, nu=1.0, prune_below=0.05)
+QUIET = dict(log_weights=False, on_nonfinite="off")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row.
+
+    module: ``"mt2st"`` is ``MultiTaskModel`` (the mixin) under ``MT2STCallback(**callback)``; ``"plain-stl"``
+        and ``"plain-mtl"`` are hand-written LightningModules (encoder + primary head, or all heads with fixed
+        weights 1), with no mixin and no callback.
+    baseline: the variant it is divided by (``None``: a baseline itself).
+    phase: ``"post"`` asserts that no auxiliary head ran in any timed step (after the switch or the pruning).
+    patches: names from ``patches.PATCHES``, monkeypatched into the library for this variant's fits only:
+        how a proposed library fix is measured without editing ``src/``.
+    gpu: whether the row is also run in the GPU (bf16-mixed + torch.compile) suite.
+    """
+
+    name: str
+    module: Module
+    baseline: str | None = None
+    callback: Mapping[str, Any] = field(default_factory=dict)
+    phase: Phase = "pre"
+    patches: tuple[str, ...] = ()
+    target: float | None = 1.02
+    section: str = ""
+    about: str = ""
+    gpu: bool = True
+
+
+VARIANTS: list[Variant] = [
+    # --- the hand-written baselines
+    Variant("plain single-task", "plain-stl", about="encoder + primary head, plain LightningModule"),
+    Variant("plain multi-task", "plain-mtl", about="all heads, losses summed with fixed weights 1"),
+    # --- 1. after the switch vs. the single-task model
+    Variant("switch, post-switch", "mt2st", "plain single-task", dict(strategy="switch", switch_at=SWITCH_AT),
+            phase="post", section="post", about="defaults: log_weights=True, on_nonfinite='raise'"),
+    Variant("switch, post-switch, quiet", "mt2st", "plain single-task",
+            dict(strategy="switch", switch_at=SWITCH_AT, **QUIET), phase="post", section="post",
+            about="log_weights=False, on_nonfinite='off'"),
+    # --- 6. Diminish with pruning, once every auxiliary weight is below prune_below
+    Variant("diminish+prune, all pruned", "mt2st", "plain single-task", dict(strategy="diminish", **PRUNE),
+            phase="post", section="post", about="staggered pruning at steps 3/5/7"),
+    # --- 2. before the switch vs. the hand-written multi-task step
+    Variant("mtl", "mt2st", "plain multi-task", dict(strategy="mtl"), section="pre"),
+    Variant("switch, pre-switch", "mt2st", "plain multi-task", dict(strategy="switch", switch_at="end"),
+            section="pre", about="switch_at = the run's last step"),
+    Variant("switch, pre-switch, quiet", "mt2st", "plain multi-task",
+            dict(strategy="switch", switch_at="end", **QUIET), section="pre"),
+    Variant("diminish", "mt2st", "plain multi-task", dict(strategy="diminish", eta=0.001), section="pre",
+            about="weights change every step, no pruning"),
+    Variant("gradnorm", "mt2st", "plain multi-task", dict(strategy="gradnorm"), section="pre", target=None,
+            about="adapt_every=10: 1 extra backward per active task on every 10th step", gpu=False),
+    Variant("fisher", "mt2st", "plain multi-task", dict(strategy="fisher"), section="pre", target=None,
+            about="adapt_every=10: as gradnorm", gpu=False),
+    Variant("noise", "mt2st", "plain multi-task", dict(strategy="noise"), section="pre", target=None,
+            about="adapt_every=10: loss statistics only", gpu=False),
+]
+
+# Rows that measure a proposed library fix (see patches.py); appended by run.py when --patches is on.
+PATCHED_VARIANTS: list[Variant] = [
+    Variant("switch, post-switch +lazy-weight-log", "mt2st", "plain single-task",
+            dict(strategy="switch", switch_at=SWITCH_AT), phase="post", section="post",
+            patches=("lazy-weight-log",), about="weights logged only on logging steps", gpu=False),
+    Variant("switch, pre-switch +lazy-weight-log", "mt2st", "plain multi-task",
+            dict(strategy="switch", switch_at="end"), section="pre", patches=("lazy-weight-log",), gpu=False),
+]
+
+
+def resolve_callback(variant: Variant, steps: int) -> dict[str, Any]:
+    """The callback's kwargs for a fit of ``steps`` steps (``switch_at="end"``: never reached in the fit)."""
+    kwargs = dict(variant.callback)
+    if kwargs.get("switch_at") == "end":
+        kwargs["switch_at"] = steps
+    return kwargs
+
+
+def by_name(variants: list[Variant]) -> dict[str, Variant]:
+    names = [v.name for v in variants]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ValueError(f"duplicate variant names {sorted(dupes)}")
+    out = {v.name: v for v in variants}
+    for v in variants:
+        if v.baseline is not None and v.baseline not in out:
+            raise ValueError(f"variant {v.name!r}: unknown baseline {v.baseline!r}")
+    return out

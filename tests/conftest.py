@@ -1,0 +1,76 @@
+"""Shared fixtures: a small multi-task model on synthetic data, and a recorder of what each step did."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from mt2st_lightning.data.image_tasks import DictDataset
+from mt2st_lightning.models import MLPEncoder, MultiTaskModel
+
+TASKS = {
+    "label": {"kind": "classification", "out_features": 3},
+    "recon": {"kind": "regression", "out_features": 16},
+    "parity": {"kind": "regression", "out_features": 1},
+}
+
+
+def toy_dataset(n: int = 96, seed: int = 0) -> DictDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 4, 4, generator=g)
+    flat = x.flatten(1)
+    return DictDataset(
+        {
+            "x": x,
+            "label": (flat[:, :5].sum(1) * 3 / 5).long().clamp(0, 2),
+            "recon": flat,
+            "parity": (flat[:, ::2].sum(1, keepdim=True) - flat[:, 1::2].sum(1, keepdim=True)),
+        }
+    )
+
+
+def toy_loader(n: int = 96, batch_size: int = 16, shuffle: bool = False) -> DataLoader:
+    return DataLoader(toy_dataset(n), batch_size=batch_size, shuffle=shuffle)
+
+
+def toy_model(seed: int = 0, **kwargs: Any) -> MultiTaskModel:
+    pl.seed_everything(seed)
+    kwargs.setdefault("head_hidden", 8)
+    return MultiTaskModel(MLPEncoder(in_features=16, hidden=32, depth=2), TASKS, primary="label", **kwargs)
+
+
+def toy_trainer(tmp_path, callbacks: list, **kwargs: Any) -> pl.Trainer:
+    defaults = dict(
+        default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, deterministic=True,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **defaults)
+
+
+class StepRecorder(pl.Callback):
+    """Records, for every training batch: the step, the weights in force, each task loss, and the total."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        self.rows.append(
+            {
+                "step": trainer.global_step,
+                "weights": dict(pl_module.task_weights),
+                "active": pl_module.active_tasks,
+                "losses": {t: v.detach().clone() for t, v in pl_module.last_task_losses.items()},
+                "total": loss.detach().clone(),
+            }
+        )
+
+
+@pytest.fixture
+def recorder() -> StepRecorder:
+    return StepRecorder()

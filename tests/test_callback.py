@@ -1,0 +1,325 @@
+"""MT2STCallback on one process: weights at step boundaries, real head dropping, errors, precision."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from mt2st_lightning import Diminish, MT2STCallback, Switch
+from tests.conftest import StepRecorder, toy_loader, toy_model, toy_trainer
+
+AUX = ("recon", "parity")
+
+
+def fit(tmp_path, callback, recorder=None, model=None, loader=None, **trainer_kwargs):
+    model = model or toy_model()
+    callbacks = [callback] + ([recorder] if recorder else [])
+    trainer = toy_trainer(tmp_path, callbacks, **trainer_kwargs)
+    trainer.fit(model, loader or toy_loader())
+    return trainer, model
+
+
+# ---------------------------------------------------------------------------------------- the switch
+def test_switch_drops_heads_for_real(tmp_path, recorder):
+    trainer = toy_trainer(tmp_path, [MT2STCallback("switch", switch_at=4), recorder], max_epochs=2)
+    model = toy_model()
+    trainer.fit(model, toy_loader())
+
+    assert model.active_tasks == ("label",)
+    assert model.dropped_tasks == frozenset(AUX)
+    rows = recorder.rows
+    assert [r["step"] for r in rows] == list(range(12))
+    for r in rows:
+        if r["step"] < 4:
+            assert r["active"] == ("label", *AUX) and r["weights"] == {"label": 1.0, "recon": 1.0, "parity": 1.0}
+            expected = r["losses"]["label"] + r["losses"]["recon"] + r["losses"]["parity"]
+            torch.testing.assert_close(r["total"], expected)
+        else:
+            # From the switch on, the heads do not run and the total *is* the primary loss.
+            assert r["active"] == ("label",) and set(r["losses"]) == {"label"}
+            assert torch.equal(r["total"], r["losses"]["label"])
+    optimizer = trainer.optimizers[0]
+    for task in AUX:
+        for name, p in model.heads[task].named_parameters():
+            assert p.grad is None and not p.requires_grad
+            assert p not in optimizer.state, f"optimizer still holds state for heads.{task}.{name}"
+    # The aux heads stopped changing after the switch: compare with a run stopped right at the switch.
+    stopped = toy_model()
+    toy_trainer(tmp_path, [MT2STCallback("switch", switch_at=4)], max_steps=4).fit(stopped, toy_loader())
+    for task in AUX:
+        for (name, p), (_, q) in zip(model.heads[task].named_parameters(), stopped.heads[task].named_parameters()):
+            assert torch.equal(p, q), f"heads.{task}.{name} changed after the switch"
+    # The primary head and the encoder kept training.
+    assert not torch.equal(model.heads["label"][0].weight, stopped.heads["label"][0].weight)
+
+
+def test_switch_fraction_of_run(tmp_path):
+    callback = MT2STCallback("switch", switch_at=0.25)
+    fit(tmp_path, callback, max_epochs=2)  # 12 optimizer steps
+    assert callback.total == 12
+    assert callback.drop_times == {"recon": 3, "parity": 3}
+
+
+def test_switch_in_epochs(tmp_path, recorder):
+    callback = MT2STCallback("switch", switch_at=1, unit="epoch")
+    fit(tmp_path, callback, recorder, max_epochs=3)
+    assert callback.drop_times == {"recon": 1, "parity": 1}  # in epochs
+    assert [len(r["active"]) for r in recorder.rows] == [3] * 6 + [1] * 12
+
+
+def test_stl_never_runs_aux_heads(tmp_path, recorder):
+    _, model = fit(tmp_path, MT2STCallback("stl"), recorder)
+    assert all(r["active"] == ("label",) for r in recorder.rows)
+    assert all(p.grad is None for t in AUX for p in model.heads[t].parameters())
+
+
+def test_mtl_keeps_all_heads(tmp_path, recorder):
+    _, model = fit(tmp_path, MT2STCallback("mtl", gamma0=0.5), recorder)
+    assert model.dropped_tasks == frozenset()
+    assert all(r["weights"] == {"label": 1.0, "recon": 0.5, "parity": 0.5} for r in recorder.rows)
+
+
+def test_diminish_weights_follow_formula_and_prune(tmp_path, recorder):
+    callback = MT2STCallback("diminish", gamma0=1.0, eta={"recon": 0.5, "parity": 0.05}, nu=1.0, prune_below=0.2)
+    _, model = fit(tmp_path, callback, recorder)
+    for r in recorder.rows:
+        t = r["step"]
+        for task, eta in (("recon", 0.5), ("parity", 0.05)):
+            raw = math.exp(-eta * t)
+            if raw < 0.2:
+                assert task not in r["weights"], f"{task} should be pruned at step {t}"
+            else:
+                assert r["weights"][task] == pytest.approx(raw, rel=1e-12)
+    # recon falls below 0.2 once 0.5 t > ln 5, i.e. t >= 4; parity never does within 12 steps.
+    assert callback.drop_times == {"recon": 4}
+    assert model.active_tasks == ("label", "parity")
+
+
+def test_custom_schedules_compose(tmp_path, recorder):
+    callback = MT2STCallback(schedules={"recon": Diminish(eta=0.1) * Switch(at=6), "parity": Switch(at=2, gamma0=0.3)})
+    fit(tmp_path, callback, recorder)
+    assert callback.drop_times == {"parity": 2, "recon": 6}
+    assert recorder.rows[1]["weights"] == {"label": 1.0, "recon": pytest.approx(math.exp(-0.1)), "parity": 0.3}
+
+
+def test_gradient_accumulation_keeps_weights_constant_within_a_window(tmp_path, recorder):
+    callback = MT2STCallback("diminish", eta=0.3, prune_below=0.25)
+    fit(tmp_path, callback, recorder, accumulate_grad_batches=3, max_epochs=4)
+    windows: dict[int, list] = {}
+    for r in recorder.rows:
+        windows.setdefault(r["step"], []).append((r["weights"], r["active"]))
+    assert all(len(w) == 3 for w in windows.values())  # 6 batches per epoch, 3 per optimizer step
+    for step, entries in windows.items():
+        assert all(e == entries[0] for e in entries), f"weights changed inside the window of step {step}"
+    # The weights did move from window to window, and the prune happened at a window boundary.
+    assert windows[0][0][0]["recon"] != windows[1][0][0]["recon"]
+    assert callback.drop_times["recon"] == math.ceil(math.log(4) / 0.3)
+
+
+def test_weights_are_logged(tmp_path):
+    logger = pl.loggers.CSVLogger(tmp_path)
+    fit(tmp_path, MT2STCallback("switch", switch_at=3), logger=logger, log_every_n_steps=1)
+    import csv
+
+    rows = list(csv.DictReader(open(f"{logger.log_dir}/metrics.csv")))
+    weights = [(int(r["step"]), float(r["mt2st/weight/recon"]), float(r["mt2st/active_tasks"]))
+               for r in rows if r.get("mt2st/weight/recon")]
+    assert (2, 1.0, 3.0) in weights and (3, 0.0, 1.0) in weights
+
+
+# ---------------------------------------------------------------------------------------- precision, clipping, manual
+@pytest.mark.slow
+def test_bf16_mixed_and_gradient_clipping_across_the_switch(tmp_path, recorder):
+    _, model = fit(tmp_path, MT2STCallback("switch", switch_at=5), recorder, precision="bf16-mixed",
+                   gradient_clip_val=0.5)
+    assert model.active_tasks == ("label",)
+    assert all(r["total"].dtype == torch.float32 for r in recorder.rows)  # the weighted sum is float32
+    assert all(torch.isfinite(r["total"]) for r in recorder.rows)
+
+
+class ManualModel(type(toy_model())):
+    def __init__(self, *args, n_optimizers=1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+        self.n_optimizers = n_optimizers
+
+    def training_step(self, batch, batch_idx):
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        loss = super().training_step(batch, batch_idx)
+        for opt in optimizers:
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in optimizers:
+            opt.step()
+        return loss
+
+    def configure_optimizers(self):
+        if self.n_optimizers == 1:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+        return [torch.optim.SGD(self.encoder.parameters(), lr=0.1), torch.optim.SGD(self.heads.parameters(), lr=0.1)]
+
+
+def _manual_model(**kwargs):
+    pl.seed_everything(0)
+    from mt2st_lightning.models import MLPEncoder
+    from tests.conftest import TASKS
+
+    return ManualModel(MLPEncoder(in_features=16, hidden=32), TASKS, primary="label", head_hidden=8, **kwargs)
+
+
+def test_manual_optimization_with_one_optimizer(tmp_path, recorder):
+    callback = MT2STCallback("switch", switch_at=3)
+    _, model = fit(tmp_path, callback, recorder, model=_manual_model())
+    assert callback.drop_times == {"recon": 3, "parity": 3}
+    assert [len(r["active"]) for r in recorder.rows] == [3] * 3 + [1] * 9
+
+
+def test_several_optimizers_need_epoch_unit(tmp_path):
+    with pytest.raises(RuntimeError, match="optimizers.*unit='epoch'"):
+        fit(tmp_path, MT2STCallback("switch", switch_at=3), model=_manual_model(n_optimizers=2))
+    callback = MT2STCallback("switch", switch_at=1, unit="epoch")
+    fit(tmp_path, callback, model=_manual_model(n_optimizers=2))
+    assert callback.drop_times == {"recon": 1, "parity": 1}
+
+
+# ---------------------------------------------------------------------------------------- non-finite losses
+class NaNAfter(type(toy_model())):
+    """Makes the `parity` loss NaN at one step."""
+
+    nan_step = 2
+
+    def task_loss(self, task, output, target):
+        loss = super().task_loss(task, output, target)
+        if task == "parity" and self.trainer.global_step == self.nan_step:
+            loss = loss * float("nan")
+        return loss
+
+
+def _nan_model():
+    pl.seed_everything(0)
+    from mt2st_lightning.models import MLPEncoder
+    from tests.conftest import TASKS
+
+    return NaNAfter(MLPEncoder(in_features=16, hidden=32), TASKS, primary="label", head_hidden=8)
+
+
+def test_nonfinite_aux_loss_raises_naming_the_task(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss in task\(s\) \['parity'\] at step 2"):
+        fit(tmp_path, MT2STCallback("mtl"), model=_nan_model())
+
+
+def test_nonfinite_aux_loss_skip_leaves_parameters_unchanged(tmp_path):
+    before = {}
+
+    class Watch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 2:
+                before.update({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 2:
+                for n, p in pl_module.named_parameters():
+                    assert torch.equal(p, before[n]), f"{n} changed on the skipped step"
+
+    model = _nan_model()
+    trainer = toy_trainer(tmp_path, [MT2STCallback("mtl", on_nonfinite="skip"), Watch()], max_epochs=1)
+    trainer.fit(model, toy_loader())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert trainer.global_step == 6
+
+
+# ---------------------------------------------------------------------------------------- bad input, before training
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(strategy="swtich", switch_at=3), ValueError, "unknown MT2ST strategy 'swtich'; choose one of stl, mtl, diminish, switch"),
+        (dict(strategy="mtl", gamma0=-1.0), ValueError, "gamma0 must be a finite number >= 0"),
+        (dict(strategy="diminish", eta=-0.1), ValueError, "eta must be a finite number >= 0"),
+        (dict(strategy="diminish", nu=0.0), ValueError, "nu must be > 0"),
+        (dict(strategy="diminish", nu=-1.0), ValueError, "nu must be a finite number >= 0"),
+        (dict(strategy="switch"), ValueError, "needs switch_at"),
+        (dict(strategy="switch", switch_at=1.5), ValueError, "fraction of the run and must lie in"),
+        (dict(strategy="switch", switch_at=3, unit="batch"), ValueError, "unit must be 'step' or 'epoch'"),
+        (dict(strategy="switch", switch_at=3, on_nonfinite="ignore"), ValueError, "on_nonfinite must be"),
+        (dict(), ValueError, "give MT2STCallback a strategy"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        MT2STCallback(**kwargs)
+
+
+class Steps(pl.Callback):
+    def __init__(self):
+        self.n = 0
+
+    def on_train_batch_start(self, *args):
+        self.n += 1
+
+
+@pytest.mark.parametrize(
+    ("callback", "match"),
+    [
+        (MT2STCallback("switch", switch_at=13), r"switch point 13 lies beyond the run's end \(12\)"),
+        (MT2STCallback("switch", switch_at={"recon": 2, "edges": 3}), r"switch_at names unknown auxiliary task\(s\) \['edges'\]"),
+        (MT2STCallback("diminish", eta={"recon": 0.1}), r"eta gives no value for auxiliary task 'parity'"),
+        (MT2STCallback(schedules={"recon": Switch(at=2), "edge": Switch(at=2)}), r"unknown \['edge'\]; missing \['parity'\]"),
+    ],
+)
+def test_bad_plans_fail_before_the_first_step(tmp_path, callback, match):
+    steps = Steps()
+    with pytest.raises(ValueError, match=match):
+        fit(tmp_path, callback, recorder=steps)
+    assert steps.n == 0
+
+
+def test_module_without_mixin_is_rejected(tmp_path):
+    class Plain(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(16, 3)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch["x"].flatten(1)).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with pytest.raises(TypeError, match=r"mixes in MT2STMixin.*class Plain\(MT2STMixin, L.LightningModule\)"):
+        fit(tmp_path, MT2STCallback("mtl"), model=Plain())
+
+
+def test_switch_fraction_needs_a_known_run_length(tmp_path):
+    with pytest.raises(ValueError, match="run's length is unknown"):
+        fit(tmp_path, MT2STCallback("switch", switch_at=0.5, unit="epoch"), max_epochs=-1, max_steps=5)
+
+
+def test_sharded_strategies_are_rejected():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from mt2st_lightning.callback import _check_can_drop
+
+    # FSDP needs a GPU to train; the check itself runs in MT2STCallback.setup, before any step.
+    with pytest.raises(RuntimeError, match="FSDPStrategy is not supported"):
+        _check_can_drop(FSDPStrategy())
+
+
+# ---------------------------------------------------------------------------------------- the deployable model
+def test_single_task_export_loads_without_aux_heads(tmp_path):
+    callback = MT2STCallback("switch", switch_at=3, save_single_task="single.ckpt")
+    trainer, model = fit(tmp_path, callback)
+    path = tmp_path / "single.ckpt"
+    assert path.exists()
+    checkpoint = torch.load(path, weights_only=False)
+    assert not any(k.startswith(("heads.recon", "heads.parity")) for k in checkpoint["state_dict"])
+    from mt2st_lightning.models import MLPEncoder
+
+    loaded = type(model).load_from_checkpoint(path, encoder=MLPEncoder(in_features=16, hidden=32), strict=False)
+    assert loaded.active_tasks == ("label",)
+    x = toy_loader().dataset.tensors["x"][:8]
+    model.eval(), loaded.eval()
+    torch.testing.assert_close(loaded(x)["label"], model(x)["label"])

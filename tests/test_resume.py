@@ -1,0 +1,58 @@
+"""Resuming from a checkpoint, before or after the switch, reproduces the uninterrupted run step for step."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from mt2st_lightning import MT2STCallback
+from tests.conftest import StepRecorder, toy_loader, toy_model, toy_trainer
+
+STRATEGIES = {
+    "switch": dict(switch_at=0.4),  # 24 steps planned: the heads leave at step 10
+    "diminish": dict(eta=0.25, prune_below=0.1),  # pruned at step 10
+    "gradnorm": dict(switch_at=0.4, adapt_every=3),  # adaptive factors are part of the state
+}
+
+
+class StopAfterEpoch(pl.Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+def run(tmp_path, strategy, stop_after=None, resume=None):
+    recorder = StepRecorder()
+    callbacks = [MT2STCallback(strategy, **STRATEGIES[strategy]), recorder, ModelCheckpoint(dirpath=tmp_path, save_last=True)]
+    if stop_after is not None:
+        callbacks.append(StopAfterEpoch(stop_after))
+    model = toy_model(seed=0)
+    trainer = toy_trainer(tmp_path, callbacks, max_epochs=4, enable_checkpointing=True)
+    trainer.fit(model, toy_loader(), ckpt_path=resume)
+    return recorder.rows, model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("stop_after", [0, 2], ids=["before-switch", "after-switch"])
+def test_resume_reproduces_uninterrupted_run(tmp_path, strategy, stop_after):
+    full_rows, full_model = run(tmp_path / "full", strategy)
+    assert any(len(r["active"]) == 1 for r in full_rows), "the run must cross the switch"
+
+    first_rows, _ = run(tmp_path / "part", strategy, stop_after=stop_after)
+    resumed_rows, resumed_model = run(tmp_path / "resumed", strategy, resume=tmp_path / "part" / "last.ckpt")
+
+    rows = first_rows + resumed_rows
+    assert [r["step"] for r in rows] == [r["step"] for r in full_rows]
+    for got, want in zip(rows, full_rows):
+        assert got["active"] == want["active"], f"step {want['step']}"
+        assert got["weights"] == pytest.approx(want["weights"], rel=1e-6), f"step {want['step']}"
+        torch.testing.assert_close(got["total"], want["total"], msg=f"step {want['step']}")
+    for (name, p), (_, q) in zip(resumed_model.named_parameters(), full_model.named_parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+    assert resumed_model.dropped_tasks == full_model.dropped_tasks
