@@ -9,7 +9,9 @@ import contextlib
 import copy
 import gc
 import logging
+import random
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -158,20 +160,27 @@ class StepLog:
     step: list[int] = field(default_factory=list)
     t_start: list[float] = field(default_factory=list)  # first callback's on_train_batch_start
     t_end: list[float] = field(default_factory=list)  # last callback's on_train_batch_end
+    t_next: list[float] = field(default_factory=list)  # the next step's first on_train_batch_start, on arrival
+    c_start: list[float] = field(default_factory=list)  # the same three instants on this thread's CPU clock
+    c_end: list[float] = field(default_factory=list)
+    c_next: list[float] = field(default_factory=list)
     active_aux: list[int] = field(default_factory=list)  # auxiliary heads that ran in the step
     flops: dict[int, int] = field(default_factory=dict)
     state_bytes: dict[str, int] = field(default_factory=dict)
     cuda_peak_bytes: int | None = None
     syncs: list[int] = field(default_factory=list)  # CUDA synchronisations per loop iteration (GPU only)
 
-    def window(self, i: int) -> float:
-        """on_train_batch_start (first callback) .. on_train_batch_end (last callback)."""
-        return self.t_end[i] - self.t_start[i]
+    def window(self, i: int, clock: str = "cpu") -> float:
+        """on_train_batch_start (first callback) .. on_train_batch_end (last callback) of step i."""
+        return self.c_end[i] - self.c_start[i] if clock == "cpu" else self.t_end[i] - self.t_start[i]
 
-    def iteration(self, i: int) -> float:
-        """on_train_batch_start of step i .. of step i+1: everything the loop does for a step, the logger
-        connector's end-of-batch work and the next batch's fetch included."""
-        return self.t_start[i + 1] - self.t_start[i]
+    def iteration(self, i: int, clock: str = "cpu") -> float:
+        """on_train_batch_start of step i .. of step i+1: all the loop does for a step, including the logger
+        connector's end-of-batch work and the fetch of the next batch (not the wait for the baton).
+
+        ``clock="cpu"``: this thread's CPU time (``time.thread_time``), which leaves out the time the thread
+        was preempted by other processes; ``"wall"``: ``time.perf_counter``."""
+        return self.c_next[i] - self.c_start[i] if clock == "cpu" else self.t_next[i] - self.t_start[i]
 
 
 def _aux_running(pl_module: pl.LightningModule) -> int:
@@ -179,6 +188,60 @@ def _aux_running(pl_module: pl.LightningModule) -> int:
     if active is not None:
         return len(active) - 1
     return len(getattr(pl_module, "aux", ()))
+
+
+class Baton:
+    """Lockstep: several fits, one thread each, take turns one training step at a time; only the holder runs, so
+    the fits never compete for the cores, and the handover is outside the clocks.
+
+    The slots form ``units`` (a row next to its baseline). Every cycle visits each unit once, in a fresh random
+    order of the units and a random direction within each unit: a row's step i and its baseline's step i run
+    back to back, and no slot keeps a fixed place in the cycle (the step that follows a different model type
+    runs a little slower: the interpreter's caches are cold)."""
+
+    def __init__(self, units: Sequence[Sequence[int]], seed: int = 0) -> None:
+        self.units = [list(u) for u in units]
+        self.n = sum(len(u) for u in self.units)
+        self.rng = random.Random(seed)
+        self.done: set[int] = set()
+        self.cond = threading.Condition()
+        self._new_cycle()
+        self.turn = self.order[0]
+
+    def _new_cycle(self) -> None:
+        units = [u if self.rng.random() < 0.5 else u[::-1] for u in self.units]
+        self.rng.shuffle(units)
+        self.order = [k for u in units for k in u]
+        self.pos = 0
+
+    def wait(self, slot: int) -> None:
+        with self.cond:
+            while self.turn != slot:
+                self.cond.wait()
+
+    def _advance(self) -> None:
+        if len(self.done) == self.n:
+            return
+        while True:
+            self.pos += 1
+            if self.pos >= len(self.order):
+                self._new_cycle()
+            if self.order[self.pos] not in self.done:
+                break
+        self.turn = self.order[self.pos]
+        self.cond.notify_all()
+
+    def pass_and_wait(self, slot: int) -> None:
+        with self.cond:
+            self._advance()
+            while self.turn != slot:
+                self.cond.wait()
+
+    def finish(self, slot: int) -> None:
+        with self.cond:
+            self.done.add(slot)
+            if self.turn == slot:
+                self._advance()
 
 
 class _First(Callback):
@@ -201,15 +264,26 @@ class _Last(Callback):
         self.p.end(trainer, pl_module)
 
 
-class Probe:
-    """The timing clock, and optionally a FLOP counter, a training-state meter or a CUDA sync counter.
+class _Empty(Callback):
+    """A callback with no hook of its own (ablation)."""
 
-    Use ``callbacks = [probe.first, *others, probe.last]``, the same for every variant.
-    """
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(strategy="none", unit="step")  # as costly to build as MT2STCallback's
+
+
+def _is_sync_warning(record: Any) -> bool:
+    return "synchroniz" in str(record.message)
+
+
+class Probe:
+    """The step clock, and optionally a FLOP counter, a training-state meter, a CUDA peak-memory meter and a
+    CUDA synchronisation counter. Use ``callbacks = [probe.first, *others, probe.last]`` for every variant."""
 
     def __init__(self, log: StepLog, *, cuda_sync: bool = False, count_flops: bool = False,
                  measure_state_at: int | None = None, cuda_peak_from: int | None = None,
-                 sync_records: list | None = None, sync_from: int | None = None) -> None:
+                 sync_records: list | None = None, sync_from: int | None = None,
+                 baton: Baton | None = None, slot: int = 0) -> None:
         self.log = log
         self.cuda_sync = cuda_sync
         self.count_flops = count_flops
@@ -217,34 +291,47 @@ class Probe:
         self.cuda_peak_from = cuda_peak_from
         self.sync_records = sync_records
         self.sync_from = sync_from
+        self.baton, self.slot = baton, slot
         self._counter: FlopCounterMode | None = None
-        self._syncs_at_start = 0
+        self._syncs_seen = 0
         self.first, self.last = _First(self), _Last(self)
 
+    def _sync_count(self) -> int:
+        return sum(1 for r in self.sync_records if _is_sync_warning(r)) if self.sync_records is not None else 0
+
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.cuda_sync:
+            torch.cuda.synchronize()
+        now, cpu = time.perf_counter(), time.thread_time()
+        if self.log.t_start:
+            self.log.t_next.append(now)
+            self.log.c_next.append(cpu)
         step = trainer.global_step
-        if self.sync_records is not None and self.sync_from is not None:
-            if step == self.sync_from:
-                torch.cuda.synchronize()
-                torch.cuda.set_sync_debug_mode("warn")
-            if step > self.sync_from:
-                self.log.syncs.append(len(self.sync_records) - self._syncs_at_start)
-            self._syncs_at_start = len(self.sync_records)
         if self.cuda_peak_from is not None and step == self.cuda_peak_from:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        if self.sync_from is not None:
+            if step == self.sync_from:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("warn")  # from here on every synchronising op warns once
+            count = self._sync_count()
+            if step > self.sync_from:
+                self.log.syncs.append(count - self._syncs_seen)
+            self._syncs_seen = count
+        if self.baton is not None:
+            self.baton.pass_and_wait(self.slot)
         if self.count_flops:
             self._counter = FlopCounterMode(display=False)
             self._counter.__enter__()
-        if self.cuda_sync:
-            torch.cuda.synchronize()
         self.log.step.append(step)
+        self.log.c_start.append(time.thread_time())
         self.log.t_start.append(time.perf_counter())
 
     def end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.cuda_sync:
             torch.cuda.synchronize()
         self.log.t_end.append(time.perf_counter())
+        self.log.c_end.append(time.thread_time())
         self.log.active_aux.append(_aux_running(pl_module))
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
@@ -254,11 +341,11 @@ class Probe:
             self.log.state_bytes = training_state_bytes(pl_module, trainer.optimizers)
 
     def finish(self) -> None:
+        if self.sync_from is not None:
+            torch.cuda.set_sync_debug_mode("default")  # before the synchronize below
         if self.cuda_peak_from is not None:
             torch.cuda.synchronize()
             self.log.cuda_peak_bytes = torch.cuda.max_memory_allocated()
-        if self.sync_from is not None:
-            torch.cuda.set_sync_debug_mode("default")
 
 
 # ============================================================================== memory held by training state
@@ -291,7 +378,7 @@ def training_state_bytes(module: nn.Module, optimizers: Sequence[torch.optim.Opt
     return out
 
 
-# ============================================================================== one fit
+# ============================================================================== fits
 @dataclass
 class FitOptions:
     steps: int
@@ -309,24 +396,80 @@ def make_trainer(opts: FitOptions, callbacks: list[Callback], root: str) -> pl.T
     )
 
 
-def run_fit(model: ModelSpec, variant: Variant, data: Data, opts: FitOptions, **probe_kwargs: Any) -> tuple[StepLog, pl.LightningModule]:
-    """One ``Trainer.fit`` of ``opts.steps`` steps of the variant, under its patches, with a probe."""
+@dataclass
+class _Fit:
+    variant: Variant
+    module: pl.LightningModule
+    trainer: pl.Trainer
+    probe: Probe
+    log: StepLog
+    loader: DataLoader
+
+
+def _prepare(model: ModelSpec, variant: Variant, data: Data, opts: FitOptions, root: str, timed: bool = True,
+             **probe_kwargs: Any) -> _Fit:
     module = build_module(model, variant, data, opts.seed, opts.compile_encoder)
     log = StepLog()
-    sync_records: list | None = None
-    catcher: contextlib.AbstractContextManager = contextlib.nullcontext()
-    if probe_kwargs.get("sync_from") is not None:
-        catcher = warnings.catch_warnings(record=True)
-    with catcher as records, patches.applied(variant.patches), tempfile.TemporaryDirectory() as root:
-        if records is not None:
+    # On a GPU the clock synchronises at its two instants; the probe fits (FLOPs, memory, synchronisations) are
+    # not timed and must not synchronise: the sync counter would count the clock's own synchronisations.
+    probe = Probe(log, cuda_sync=timed and opts.accelerator == "gpu", **probe_kwargs)
+    extra: list[Callback] = []
+    if variant.module == "mt2st" and variant.with_callback:
+        extra.append(MT2STCallback(**resolve_callback(variant, opts.steps)))
+    patches.apply(variant.patches, callback=extra[0] if extra else None, module=module)
+    if variant.predrop:
+        for task in module.auxiliary_tasks:
+            module.drop_task(task)
+    if variant.empty_callback:
+        extra.append(_Empty())
+    trainer = make_trainer(opts, [probe.first, *extra, probe.last], root)
+    return _Fit(variant, module, trainer, probe, log, data.loader(opts.steps))
+
+
+def run_fit(model: ModelSpec, variant: Variant, data: Data, opts: FitOptions, **probe_kwargs: Any) -> StepLog:
+    """One ``Trainer.fit`` of the variant, alone, under its patches (FLOPs, memory, synchronisations)."""
+    with contextlib.ExitStack() as stack:
+        root = stack.enter_context(tempfile.TemporaryDirectory())
+        if probe_kwargs.get("sync_from") is not None:
+            records = stack.enter_context(warnings.catch_warnings(record=True))
             warnings.simplefilter("always")
-            sync_records = records
-        probe = Probe(log, cuda_sync=opts.accelerator == "gpu", sync_records=sync_records, **probe_kwargs)
-        extra = [MT2STCallback(**resolve_callback(variant, opts.steps))] if variant.module == "mt2st" else []
-        trainer = make_trainer(opts, [probe.first, *extra, probe.last], root)
+            probe_kwargs["sync_records"] = records
+        fit = _prepare(model, variant, data, opts, root, timed=False, **probe_kwargs)
         gc.collect()
-        trainer.fit(module, data.loader(opts.steps))
-        probe.finish()
-    if sync_records is not None:
-        log.syncs = [n for n in log.syncs]  # already per iteration
-    return log, module
+        fit.trainer.fit(fit.module, fit.loader)
+        fit.probe.finish()
+    return fit.log
+
+
+def run_lockstep(model: ModelSpec, units: Sequence[Sequence[tuple[str, Variant]]], data: Data, opts: FitOptions,
+                 seed: int = 0) -> dict[str, StepLog]:
+    """One fit per slot ``(key, variant)``, all in lockstep (see ``Baton``); returns the step log of each key.
+    A variant may fill several slots (one copy of a baseline in each unit)."""
+    slots = [slot for unit in units for slot in unit]
+    index, k = [], 0
+    for unit in units:
+        index.append(list(range(k, k + len(unit))))
+        k += len(unit)
+    baton = Baton(index, seed)
+    errors: list[BaseException] = []
+    with tempfile.TemporaryDirectory() as root:
+        fits = [_prepare(model, v, data, opts, f"{root}/{k}", baton=baton, slot=k) for k, (_, v) in enumerate(slots)]
+
+        def work(k: int) -> None:
+            try:
+                baton.wait(k)
+                fits[k].trainer.fit(fits[k].module, fits[k].loader)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                errors.append(e)
+            finally:
+                baton.finish(k)
+
+        gc.collect()
+        threads = [threading.Thread(target=work, args=(k,), name=f"fit-{key}") for k, (key, _) in enumerate(slots)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+    return {key: f.log for (key, _), f in zip(slots, fits)}

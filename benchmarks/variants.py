@@ -30,10 +30,10 @@ MODELS: dict[str, ModelSpec] = {
     for m in (
         ModelSpec("mlp", lambda: MLPEncoder(in_features=64, hidden=128, depth=2), batch_size=64,
                   about="MLPEncoder 64-128-128; heads about as large as the encoder"),
-        ModelSpec("cnn", lambda: ConvEncoder(in_channels=1, channels=(32, 64)), batch_size=64,
+        ModelSpec("cnn", lambda: ConvEncoder(in_channels=1, channels=(32, 64)), batch_size=32,
                   about="ConvEncoder (32, 64) on 8x8; encoder dominates"),
         ModelSpec("transformer", lambda: TransformerEncoder(image_size=8, d_model=256, nhead=8, num_layers=4,
-                                                            dim_feedforward=1024), batch_size=32,
+                                                            dim_feedforward=1024), batch_size=8,
                   about="TransformerEncoder d_model 256, 4 layers, ff 1024 (8 row tokens); encoder dominates"),
     )
 }
@@ -59,6 +59,10 @@ class Variant:
     phase: ``"post"`` asserts that no auxiliary head ran in any timed step (after the switch or the pruning).
     patches: names from ``patches.PATCHES``, monkeypatched into the library for this variant's fits only:
         how a proposed library fix is measured without editing ``src/``.
+    models: the model sizes the row runs on (``None``: all of them).
+    with_callback: ``False`` runs the ``"mt2st"`` module without ``MT2STCallback`` (an ablation row).
+    predrop: drop every auxiliary head before the fit (``MT2STMixin.drop_task``), as the callback would.
+    empty_callback: add a callback that does nothing (an ablation row: what any callback costs in Lightning).
     gpu: whether the row is also run in the GPU (bf16-mixed + torch.compile) suite.
     """
 
@@ -71,19 +75,34 @@ class Variant:
     target: float | None = 1.02
     section: str = ""
     about: str = ""
+    models: tuple[str, ...] | None = None
     gpu: bool = True
+    with_callback: bool = True
+    predrop: bool = False
+    empty_callback: bool = False
+
+    @property
+    def patches_for_time(self) -> tuple[str, ...]:
+        return tuple(p for p in self.patches if p != "release-dropped-heads")
 
 
 VARIANTS: list[Variant] = [
     # --- the hand-written baselines
     Variant("plain single-task", "plain-stl", about="encoder + primary head, plain LightningModule"),
     Variant("plain multi-task", "plain-mtl", about="all heads, losses summed with fixed weights 1"),
+    # --- A/A controls: a baseline against its own copy; shows the method's bias and noise
+    Variant("A/A: plain single-task", "plain-stl", "plain single-task", phase="post", section="post", target=None,
+            about="control: identical module on both sides"),
+    Variant("A/A: plain multi-task", "plain-mtl", "plain multi-task", section="pre", target=None,
+            about="control: identical module on both sides"),
     # --- 1. after the switch vs. the single-task model
     Variant("switch, post-switch", "mt2st", "plain single-task", dict(strategy="switch", switch_at=SWITCH_AT),
             phase="post", section="post", about="defaults: log_weights=True, on_nonfinite='raise'"),
     Variant("switch, post-switch, quiet", "mt2st", "plain single-task",
             dict(strategy="switch", switch_at=SWITCH_AT, **QUIET), phase="post", section="post",
-            about="log_weights=False, on_nonfinite='off'"),
+            about="log_weights=False, on_nonfinite='off'", models=("mlp",)),
+    Variant("stl", "mt2st", "plain single-task", dict(strategy="stl"), phase="post", section="post",
+            about="heads dropped at step 0: no auxiliary loss ever logged", models=("mlp", "cnn")),
     # --- 6. Diminish with pruning, once every auxiliary weight is below prune_below
     Variant("diminish+prune, all pruned", "mt2st", "plain single-task", dict(strategy="diminish", **PRUNE),
             phase="post", section="post", about="staggered pruning at steps 3/5/7"),
@@ -92,7 +111,7 @@ VARIANTS: list[Variant] = [
     Variant("switch, pre-switch", "mt2st", "plain multi-task", dict(strategy="switch", switch_at="end"),
             section="pre", about="switch_at = the run's last step"),
     Variant("switch, pre-switch, quiet", "mt2st", "plain multi-task",
-            dict(strategy="switch", switch_at="end", **QUIET), section="pre"),
+            dict(strategy="switch", switch_at="end", **QUIET), section="pre", models=("mlp",)),
     Variant("diminish", "mt2st", "plain multi-task", dict(strategy="diminish", eta=0.001), section="pre",
             about="weights change every step, no pruning"),
     Variant("gradnorm", "mt2st", "plain multi-task", dict(strategy="gradnorm"), section="pre", target=None,
@@ -103,13 +122,41 @@ VARIANTS: list[Variant] = [
             about="adapt_every=10: loss statistics only", gpu=False),
 ]
 
-# Rows that measure a proposed library fix (see patches.py); appended by run.py when --patches is on.
+# Rows that measure proposed library fixes (see patches.py), against the same baseline as the unpatched row. They
+# run on the smallest model, where a fixed per-step cost shows most (the two "+all fixes" switch rows on every
+# model); ``run.py --no-patches`` leaves them out.
+ALL_FIXES = ("direct-weight-log", "finite-check-total", "cached-task-tuples")
+SMALL = ("mlp",)
 PATCHED_VARIANTS: list[Variant] = [
-    Variant("switch, post-switch +lazy-weight-log", "mt2st", "plain single-task",
+    Variant("switch, post-switch +direct-weight-log", "mt2st", "plain single-task",
             dict(strategy="switch", switch_at=SWITCH_AT), phase="post", section="post",
-            patches=("lazy-weight-log",), about="weights logged only on logging steps", gpu=False),
-    Variant("switch, pre-switch +lazy-weight-log", "mt2st", "plain multi-task",
-            dict(strategy="switch", switch_at="end"), section="pre", patches=("lazy-weight-log",), gpu=False),
+            patches=("direct-weight-log",), models=SMALL, gpu=False),
+    Variant("switch, post-switch +all fixes", "mt2st", "plain single-task",
+            dict(strategy="switch", switch_at=SWITCH_AT), phase="post", section="post", patches=ALL_FIXES,
+            models=None, gpu=False),
+    Variant("diminish+prune, all pruned +all fixes", "mt2st", "plain single-task",
+            dict(strategy="diminish", **PRUNE), phase="post", section="post", patches=ALL_FIXES, models=SMALL,
+            gpu=False),
+    Variant("switch, pre-switch +all fixes", "mt2st", "plain multi-task", dict(strategy="switch", switch_at="end"),
+            section="pre", patches=ALL_FIXES, models=None, gpu=False),
+    Variant("diminish +all fixes", "mt2st", "plain multi-task", dict(strategy="diminish", eta=0.001),
+            section="pre", patches=ALL_FIXES, models=SMALL, gpu=False),
+    # Ablations: where the post-switch cost that no fix removes comes from (the smallest model shows it best).
+    Variant("ablation: plain single-task + an empty callback", "plain-stl", "plain single-task", phase="post",
+            section="post", empty_callback=True, target=None, models=("mlp",), gpu=False,
+            about="Lightning's per-hook dispatch of one more callback"),
+    Variant("ablation: MultiTaskModel, heads dropped before fit, no callback", "mt2st", "plain single-task",
+            phase="post", section="post", with_callback=False, predrop=True, target=None, models=("mlp",),
+            gpu=False, about="the mixin and MultiTaskModel's step, without the callback"),
+]
+
+# Rows of the memory table only (no timing): the same post-switch states with the dropped heads' storage freed.
+MEMORY_ONLY: list[Variant] = [
+    Variant("switch, post-switch +release-dropped-heads", "mt2st", "plain single-task",
+            dict(strategy="switch", switch_at=SWITCH_AT), phase="post", section="post",
+            patches=("release-dropped-heads",)),
+    Variant("diminish+prune, all pruned +release-dropped-heads", "mt2st", "plain single-task",
+            dict(strategy="diminish", **PRUNE), phase="post", section="post", patches=("release-dropped-heads",)),
 ]
 
 

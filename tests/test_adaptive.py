@@ -1,4 +1,4 @@
-"""Tests of the adaptive weight factors (MT2ST eqs. 13-15): exact values computed by hand, properties, errors."""
+"""Tests of the adaptive weight factors (MT2ST eqs. 13-15): hand-computed values, properties, errors."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from mt2st_lightning.adaptive import (
 
 SETTINGS = settings(max_examples=200, deadline=None)
 
-# ---------------------------------------------------------------------------------------------------- strategies
+# ----------------------------------------------------------------------------------------------- strategies
 positive = st.floats(min_value=1e-3, max_value=1e3)
 budgets = st.floats(min_value=0.1, max_value=10.0)
 scales = st.floats(min_value=1e-2, max_value=1e2)
@@ -39,12 +39,15 @@ def check_budget(weights: torch.Tensor, n: int, budget: float) -> None:
     assert weights.sum().item() == pytest.approx(budget, rel=1e-9)
 
 
-# ---------------------------------------------------------------------------------------------------- hand-computed
+# -------------------------------------------------------------------------------------------- hand-computed
 def test_grad_norm_ratio_raw_hand_computed():
     # ||g_0|| = sqrt(16) = 4; ||g_k|| = sqrt(4, 1, 64) = (2, 1, 8): ratios 4/2, 4/1, 4/8.
     primary = torch.tensor(16.0, dtype=torch.float64)
     aux = torch.tensor([4.0, 1.0, 64.0], dtype=torch.float64)
-    assert_close(grad_norm_ratio_weights(primary, aux, budget=None, eps=0.0), torch.tensor([2.0, 4.0, 0.5], dtype=torch.float64))
+    assert_close(
+        grad_norm_ratio_weights(primary, aux, budget=None, eps=0.0),
+        torch.tensor([2.0, 4.0, 0.5], dtype=torch.float64),
+    )
     # With the default eps = 1e-12 the ratios move by a relative 1e-12 at most.
     assert_close(
         grad_norm_ratio_weights(primary, aux, budget=None),
@@ -53,7 +56,9 @@ def test_grad_norm_ratio_raw_hand_computed():
         atol=0.0,
     )
     # ratio = 3 / (0 + 1e-12) = 3e12 for a zero auxiliary gradient (the eps keeps it finite)
-    zero = grad_norm_ratio_weights(torch.tensor(9.0, dtype=torch.float64), torch.tensor([0.0], dtype=torch.float64), None)
+    zero = grad_norm_ratio_weights(
+        torch.tensor(9.0, dtype=torch.float64), torch.tensor([0.0], dtype=torch.float64), None
+    )
     assert zero.item() == pytest.approx(3e12, rel=1e-12)
 
 
@@ -61,8 +66,13 @@ def test_grad_norm_ratio_budget_hand_computed():
     # ratios proportional to 1/||g_k|| = (1/1, 1/2) -> shares (2/3, 1/3) of budget 1, (2, 1) of budget 3.
     primary = torch.tensor(25.0, dtype=torch.float64)
     aux = torch.tensor([1.0, 4.0], dtype=torch.float64)
-    assert_close(grad_norm_ratio_weights(primary, aux, eps=0.0), torch.tensor([2 / 3, 1 / 3], dtype=torch.float64))
-    assert_close(grad_norm_ratio_weights(primary, aux, budget=3.0, eps=0.0), torch.tensor([2.0, 1.0], dtype=torch.float64))
+    assert_close(
+        grad_norm_ratio_weights(primary, aux, eps=0.0), torch.tensor([2 / 3, 1 / 3], dtype=torch.float64)
+    )
+    assert_close(
+        grad_norm_ratio_weights(primary, aux, budget=3.0, eps=0.0),
+        torch.tensor([2.0, 1.0], dtype=torch.float64),
+    )
 
 
 def test_fisher_trace_hand_computed():
@@ -76,12 +86,17 @@ def test_inverse_variance_hand_computed():
     # 1/1 : 1/4 = 4 : 1 -> (0.8, 0.2)
     v = torch.tensor([1.0, 4.0], dtype=torch.float64)
     assert_close(inverse_variance_weights(v, eps=0.0), torch.tensor([0.8, 0.2], dtype=torch.float64))
-    assert_close(inverse_variance_weights(v, budget=5.0, eps=0.0), torch.tensor([4.0, 1.0], dtype=torch.float64))
+    assert_close(
+        inverse_variance_weights(v, budget=5.0, eps=0.0), torch.tensor([4.0, 1.0], dtype=torch.float64)
+    )
     # a zero variance gets 1/eps = 1e8 against 1/(1 + 1e-8): almost the whole budget, but finite
     w = inverse_variance_weights(torch.tensor([0.0, 1.0], dtype=torch.float64))
     assert w[0].item() == pytest.approx(1e8 / (1e8 + 1.0), rel=1e-12)
     # negative variances (cancellation in E[x^2] - E[x]^2) count as 0
-    assert_close(inverse_variance_weights(torch.tensor([-1e-9, 0.0], dtype=torch.float64)), torch.tensor([0.5, 0.5], dtype=torch.float64))
+    assert_close(
+        inverse_variance_weights(torch.tensor([-1e-9, 0.0], dtype=torch.float64)),
+        torch.tensor([0.5, 0.5], dtype=torch.float64),
+    )
 
 
 def test_weights_keep_dtype_and_device():
@@ -92,7 +107,7 @@ def test_weights_keep_dtype_and_device():
         assert grad_norm_ratio_weights(x[0], x).dtype == dtype
 
 
-# ---------------------------------------------------------------------------------------------------- fallback
+# ------------------------------------------------------------------------------------------------- fallback
 @pytest.mark.parametrize("n", [1, 2, 5])
 @pytest.mark.parametrize("budget", [1.0, 0.3, 4.0])
 def test_all_zero_shares_budget_equally(n, budget):
@@ -101,7 +116,12 @@ def test_all_zero_shares_budget_equally(n, budget):
     assert_close(fisher_trace_weights(zeros, budget), expected)
     assert_close(fisher_trace_weights(-torch.ones(n, dtype=torch.float64), budget), expected)  # clamped to 0
     # primary gradient 0: every ratio is 0
-    assert_close(grad_norm_ratio_weights(torch.tensor(0.0, dtype=torch.float64), torch.ones(n, dtype=torch.float64), budget), expected)
+    assert_close(
+        grad_norm_ratio_weights(
+            torch.tensor(0.0, dtype=torch.float64), torch.ones(n, dtype=torch.float64), budget
+        ),
+        expected,
+    )
     # infinite variances: every 1/variance is 0
     assert_close(inverse_variance_weights(torch.full((n,), math.inf, dtype=torch.float64), budget), expected)
 
@@ -113,7 +133,9 @@ def test_non_finite_shares_budget_equally():
     assert_close(grad_norm_ratio_weights(torch.tensor(math.nan), torch.tensor([1.0, 2.0])), expected)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _normalise computes budget / total, which overflows for a subnormal total")
+@pytest.mark.xfail(
+    strict=True, reason="BUG: _normalise computes budget / total, which overflows for a subnormal total"
+)
 @pytest.mark.parametrize(
     "traces",
     [
@@ -128,11 +150,13 @@ def test_tiny_positive_total_still_sums_to_budget(traces):
     assert w.sum().item() == pytest.approx(1.0, rel=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: EMA of vanishing float32 gradients sticks at a subnormal -> inf weights")
+@pytest.mark.xfail(
+    strict=True, reason="BUG: EMA of vanishing float32 gradients sticks at a subnormal -> inf weights"
+)
 def test_fisher_weights_stay_finite_when_aux_gradients_vanish():
-    # The callback's path: squared norms (float32) smoothed by ema, then fisher_trace_weights. If the auxiliary
-    # gradients become exactly 0 the EMA decays into the float32 subnormals (and stays at ~5.6e-45: 0.9 * x
-    # rounds back to x there), and budget / total overflows to inf from about step 850 on.
+    # The callback's path: squared norms (float32) smoothed by ema, then fisher_trace_weights. If the
+    # auxiliary gradients become exactly 0 the EMA decays into the float32 subnormals and stays at ~5.6e-45
+    # (0.9 * x rounds back to x there), and budget / total overflows to inf from about step 850 on.
     state = None
     for step in range(1000):
         sq = torch.tensor([1.0, 2.0]) if step == 0 else torch.zeros(2)
@@ -146,7 +170,7 @@ def test_budget_none_is_not_normalised():
     assert_close(r, torch.tensor([0.0, 0.0]))  # no fallback without a budget
 
 
-# ---------------------------------------------------------------------------------------------------- properties
+# ----------------------------------------------------------------------------------------------- properties
 @SETTINGS
 @given(primary=positive, aux=vectors(), budget=budgets)
 def test_grad_norm_ratio_sums_to_budget(primary, aux, budget):
@@ -183,9 +207,19 @@ def test_fisher_with_zeros_sums_to_budget(values, budget):
 @given(primary=positive, aux=vectors(), budget=budgets, c=scales)
 def test_grad_norm_ratio_scale_invariant(primary, aux, budget, c):
     p = torch.tensor(primary, dtype=torch.float64)
-    assert_close(grad_norm_ratio_weights(p, c * aux, budget), grad_norm_ratio_weights(p, aux, budget), rtol=1e-8, atol=0)
+    assert_close(
+        grad_norm_ratio_weights(p, c * aux, budget),
+        grad_norm_ratio_weights(p, aux, budget),
+        rtol=1e-8,
+        atol=0,
+    )
     # With a budget the primary norm cancels out: scaling it changes nothing either.
-    assert_close(grad_norm_ratio_weights(c * p, aux, budget), grad_norm_ratio_weights(p, aux, budget), rtol=1e-8, atol=0)
+    assert_close(
+        grad_norm_ratio_weights(c * p, aux, budget),
+        grad_norm_ratio_weights(p, aux, budget),
+        rtol=1e-8,
+        atol=0,
+    )
 
 
 @SETTINGS
@@ -201,7 +235,9 @@ def test_grad_norm_ratio_proportional_to_inverse_norm(primary, aux, budget):
 @SETTINGS
 @given(traces=vectors(), budget=budgets, c=scales)
 def test_fisher_scale_invariant(traces, budget, c):
-    assert_close(fisher_trace_weights(c * traces, budget), fisher_trace_weights(traces, budget), rtol=1e-10, atol=0)
+    assert_close(
+        fisher_trace_weights(c * traces, budget), fisher_trace_weights(traces, budget), rtol=1e-10, atol=0
+    )
 
 
 @SETTINGS
@@ -239,7 +275,12 @@ def test_equal_inputs_equal_shares(value, n, budget, primary):
     expected = torch.full((n,), budget / n, dtype=torch.float64)
     assert_close(fisher_trace_weights(x, budget), expected, rtol=1e-12, atol=0)
     assert_close(inverse_variance_weights(x, budget), expected, rtol=1e-12, atol=0)
-    assert_close(grad_norm_ratio_weights(torch.tensor(primary, dtype=torch.float64), x, budget), expected, rtol=1e-12, atol=0)
+    assert_close(
+        grad_norm_ratio_weights(torch.tensor(primary, dtype=torch.float64), x, budget),
+        expected,
+        rtol=1e-12,
+        atol=0,
+    )
 
 
 @SETTINGS
@@ -249,7 +290,7 @@ def test_fisher_is_proportional_to_traces(traces, budget):
     assert_close(w, budget * traces / traces.sum(), rtol=1e-10, atol=0)
 
 
-# ---------------------------------------------------------------------------------------------------- squared_grad_norms
+# --------------------------------------------------------------------------------------- squared_grad_norms
 def _linear_setup():
     w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
     b = torch.nn.Parameter(torch.tensor(2.0))
@@ -295,7 +336,9 @@ def test_squared_grad_norms_loss_independent_of_params_is_zero():
     assert out.dtype == torch.float32
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=True, reason="BUG?: a loss with no graph at all raises in autograd.grad")
+@pytest.mark.xfail(
+    raises=RuntimeError, strict=True, reason="BUG?: a loss with no graph at all raises in autograd.grad"
+)
 def test_squared_grad_norms_constant_loss_is_zero():
     # e.g. an auxiliary loss that is torch.zeros(()) because the batch has no label for that task
     w, _, x = _linear_setup()
@@ -330,7 +373,9 @@ def test_squared_grad_norms_float64_loss():
     assert_close(out, torch.tensor([25.0]))  # 9 + 16
 
 
-@pytest.mark.parametrize("params", [[], [torch.ones(2)], [torch.nn.Parameter(torch.ones(2), requires_grad=False)]])
+@pytest.mark.parametrize(
+    "params", [[], [torch.ones(2)], [torch.nn.Parameter(torch.ones(2), requires_grad=False)]]
+)
 def test_squared_grad_norms_without_trainable_params(params):
     loss = torch.nn.Parameter(torch.ones(())) * 2
     with pytest.raises(ValueError, match="no trainable shared parameters to measure task gradients on"):
@@ -351,7 +396,7 @@ def test_squared_grad_norms_of_linear_loss(xs, c):
     assert w.grad is None
 
 
-# ---------------------------------------------------------------------------------------------------- ema
+# ------------------------------------------------------------------------------------------------------ ema
 def test_ema_first_value_as_is():
     v = torch.tensor([1.0, 2.0], requires_grad=True)
     out = ema(None, v, 0.9)
@@ -398,7 +443,11 @@ def test_ema_is_convex_combination(prev, new, decay):
 
 
 @SETTINGS
-@given(value=st.floats(min_value=-1e3, max_value=1e3), decay=st.floats(min_value=0.0, max_value=0.999), n=st.integers(1, 10))
+@given(
+    value=st.floats(min_value=-1e3, max_value=1e3),
+    decay=st.floats(min_value=0.0, max_value=0.999),
+    n=st.integers(1, 10),
+)
 def test_ema_of_constant_is_constant(value, decay, n):
     state = None
     for _ in range(n):

@@ -131,13 +131,23 @@ def test_weights_are_logged(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- precision, clipping, manual
+def _precision(name):
+    if name == "16-mixed+scaler":  # Lightning uses no GradScaler on CPU; bring one, as on a GPU
+        from lightning.pytorch.plugins import MixedPrecision
+
+        return dict(plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])
+    return dict(precision=name)
+
+
 @pytest.mark.slow
-def test_bf16_mixed_and_gradient_clipping_across_the_switch(tmp_path, recorder):
-    _, model = fit(tmp_path, MT2STCallback("switch", switch_at=5), recorder, precision="bf16-mixed",
-                   gradient_clip_val=0.5)
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "16-mixed+scaler"])
+def test_mixed_precision_and_gradient_clipping_across_the_switch(tmp_path, recorder, precision):
+    _, model = fit(tmp_path, MT2STCallback("switch", switch_at=5), recorder, gradient_clip_val=0.5,
+                   **_precision(precision))
     assert model.active_tasks == ("label",)
     assert all(r["total"].dtype == torch.float32 for r in recorder.rows)  # the weighted sum is float32
     assert all(torch.isfinite(r["total"]) for r in recorder.rows)
+    assert all(p.grad is None for t in AUX for p in model.heads[t].parameters())
 
 
 class ManualModel(type(toy_model())):
@@ -212,7 +222,8 @@ def test_nonfinite_aux_loss_raises_naming_the_task(tmp_path):
         fit(tmp_path, MT2STCallback("mtl"), model=_nan_model())
 
 
-def test_nonfinite_aux_loss_skip_leaves_parameters_unchanged(tmp_path):
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed+scaler"])
+def test_nonfinite_aux_loss_skip_leaves_parameters_unchanged(tmp_path, precision):
     before = {}
 
     class Watch(pl.Callback):
@@ -226,7 +237,8 @@ def test_nonfinite_aux_loss_skip_leaves_parameters_unchanged(tmp_path):
                     assert torch.equal(p, before[n]), f"{n} changed on the skipped step"
 
     model = _nan_model()
-    trainer = toy_trainer(tmp_path, [MT2STCallback("mtl", on_nonfinite="skip"), Watch()], max_epochs=1)
+    trainer = toy_trainer(tmp_path, [MT2STCallback("mtl", on_nonfinite="skip"), Watch()], max_epochs=1,
+                          **_precision(precision))
     trainer.fit(model, toy_loader())
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert trainer.global_step == 6

@@ -22,7 +22,7 @@ from mt2st_lightning.schedules import (
 
 SETTINGS = settings(max_examples=200, deadline=None)
 
-# ---------------------------------------------------------------------------------------------------- strategies
+# ----------------------------------------------------------------------------------------------- strategies
 # Valid parameters, kept in ranges where t ** nu cannot overflow a float (t <= 2e4, nu <= 3).
 gammas = st.floats(min_value=0.0, max_value=10.0)
 positive_gammas = st.floats(min_value=1e-3, max_value=10.0)
@@ -58,7 +58,7 @@ def ordered_times(draw_pair: tuple[float, float]) -> tuple[float, float]:
 time_pairs = st.tuples(times, times).map(ordered_times)
 
 
-# ---------------------------------------------------------------------------------------------------- Constant
+# ------------------------------------------------------------------------------------------------- Constant
 def test_constant_values():
     assert Constant()(0) == 1.0
     assert Constant(2.5)(123, total=1000) == 2.5
@@ -68,7 +68,7 @@ def test_constant_values():
     assert Constant(0.0)(0) == 0.0
 
 
-# ---------------------------------------------------------------------------------------------------- Diminish values
+# ------------------------------------------------------------------------------------------ Diminish values
 @pytest.mark.parametrize(
     ("t", "expected"),
     [
@@ -133,12 +133,23 @@ def test_diminish_prune_below_above_gamma0_is_finished_at_zero():
     assert d.finished(0) and d(0) == 0.0
 
 
+def test_diminish_prune_at_threshold_is_not_finished():
+    # "finished once the weight falls below prune_below": a weight equal to it is kept.
+    d = Diminish(gamma0=0.5, eta=0.1, prune_below=0.5)
+    assert not d.finished(0) and d(0) == 0.5
+    assert d.prune_time() == 0.0  # ln(0.5 / 0.5) / 0.1 = 0
+    assert d.finished(1) and d(1) == 0.0
+    flat = Diminish(gamma0=0.5, eta=0.0, prune_below=0.5)
+    assert not flat.finished(10**6) and flat(10**6) == 0.5
+    assert flat.prune_time() is None
+
+
 def test_diminish_prune_never_without_decay():
     assert Diminish(gamma0=1.0, eta=0.0, prune_below=0.5).prune_time() is None
     assert not Diminish(gamma0=1.0, eta=0.0, prune_below=0.5).finished(10**9)
 
 
-# ---------------------------------------------------------------------------------------------------- Diminish properties
+# -------------------------------------------------------------------------------------- Diminish properties
 @SETTINGS
 @given(gamma0=gammas, eta=etas, nu=nus)
 def test_diminish_starts_at_gamma0(gamma0, eta, nu):
@@ -204,7 +215,9 @@ def test_diminish_finished_iff_raw_below_threshold(gamma0, eta, nu, prune_below,
         assert d.finished(t) == (t > pt)
 
 
-@pytest.mark.xfail(raises=OverflowError, strict=True, reason="BUG: prune_time() overflows float ** for tiny eta/nu")
+@pytest.mark.xfail(
+    raises=OverflowError, strict=True, reason="BUG: prune_time() overflows float ** for tiny eta/nu"
+)
 @pytest.mark.parametrize(
     ("eta", "nu"),
     [
@@ -220,7 +233,9 @@ def test_diminish_prune_time_far_away_does_not_raise(eta, nu):
     assert not d.finished(1e6)
 
 
-@pytest.mark.xfail(raises=OverflowError, strict=True, reason="BUG: Diminish._raw overflows float ** for large t ** nu")
+@pytest.mark.xfail(
+    raises=OverflowError, strict=True, reason="BUG: Diminish._raw overflows float ** for large t ** nu"
+)
 def test_diminish_large_t_pow_nu_does_not_raise():
     # t ** nu = (1e7) ** 50 = 1e350 overflows a float; the weight is exp(-huge) = 0 (underflow), not an error.
     d = Diminish(gamma0=1.0, eta=0.01, nu=50.0)
@@ -228,7 +243,7 @@ def test_diminish_large_t_pow_nu_does_not_raise():
     assert Diminish(gamma0=1.0, eta=0.01, nu=50.0, prune_below=1e-3).finished(10**7)
 
 
-# ---------------------------------------------------------------------------------------------------- Switch
+# --------------------------------------------------------------------------------------------------- Switch
 def test_switch_hand_computed():
     s = Switch(at=10, gamma0=0.5)
     assert [s(t) for t in (0, 5, 9, 10, 11, 1000)] == [0.5, 0.5, 0.5, 0.0, 0.0, 0.0]
@@ -283,7 +298,7 @@ def test_switch_fraction_resolves_to_rounded_product(at, total, gamma0):
     assert s(k, total) == 0.0 and s.finished(k, total)
 
 
-# ---------------------------------------------------------------------------------------------------- any schedule
+# --------------------------------------------------------------------------------------------- any schedule
 @SETTINGS
 @given(schedule=schedules, total=totals, ts=time_pairs)
 def test_weights_non_negative_and_non_increasing(schedule, total, ts):
@@ -312,7 +327,7 @@ def test_weight_at_zero_is_gamma0(gamma0, eta, nu, at):
     assert Constant(gamma0)(0) == gamma0
 
 
-# ---------------------------------------------------------------------------------------------------- Product
+# -------------------------------------------------------------------------------------------------- Product
 def test_product_hand_computed():
     p = Diminish(gamma0=2.0, eta=0.1, nu=0.5) * Switch(at=50, gamma0=0.5)
     assert isinstance(p, Product)
@@ -375,11 +390,15 @@ def test_product_is_associative(a, b, c, total, t):
     assert left.finished(t, total) == right.finished(t, total)
 
 
-# ---------------------------------------------------------------------------------------------------- bad input
+# ------------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize(
     ("make", "error", "match"),
     [
-        (lambda: Diminish(gamma0=-1.0), ValueError, r"Diminish\.gamma0 must be a finite number >= 0, got -1\.0"),
+        (
+            lambda: Diminish(gamma0=-1.0),
+            ValueError,
+            r"Diminish\.gamma0 must be a finite number >= 0, got -1\.0",
+        ),
         (lambda: Diminish(eta=-0.1), ValueError, r"Diminish\.eta must be a finite number >= 0, got -0\.1"),
         (lambda: Diminish(nu=0.0), ValueError, r"Diminish\.nu must be > 0"),
         (lambda: Diminish(nu=0), ValueError, r"Diminish\.nu must be > 0"),
@@ -389,10 +408,22 @@ def test_product_is_associative(a, b, c, total, t):
         (lambda: Diminish(eta=math.inf), ValueError, r"Diminish\.eta must be a finite number"),
         (lambda: Diminish(nu=math.nan), ValueError, r"Diminish\.nu must be a finite number"),
         (lambda: Diminish(nu=math.inf), ValueError, r"Diminish\.nu must be a finite number"),
-        (lambda: Diminish(prune_below=math.nan), ValueError, r"Diminish\.prune_below must be a finite number"),
-        (lambda: Diminish(prune_below=math.inf), ValueError, r"Diminish\.prune_below must be a finite number"),
+        (
+            lambda: Diminish(prune_below=math.nan),
+            ValueError,
+            r"Diminish\.prune_below must be a finite number",
+        ),
+        (
+            lambda: Diminish(prune_below=math.inf),
+            ValueError,
+            r"Diminish\.prune_below must be a finite number",
+        ),
         (lambda: Diminish(prune_below=0.0), ValueError, r"Diminish\.prune_below must be > 0, or None"),
-        (lambda: Diminish(prune_below=-0.5), ValueError, r"Diminish\.prune_below must be a finite number >= 0"),
+        (
+            lambda: Diminish(prune_below=-0.5),
+            ValueError,
+            r"Diminish\.prune_below must be a finite number >= 0",
+        ),
         (lambda: Diminish(gamma0="1"), TypeError, r"Diminish\.gamma0 must be a number, got '1'"),
         (lambda: Diminish(eta=True), TypeError, r"Diminish\.eta must be a number, got True"),
         (lambda: Constant(-1.0), ValueError, r"Constant\.value must be a finite number >= 0"),
@@ -400,13 +431,25 @@ def test_product_is_associative(a, b, c, total, t):
         (lambda: Constant(None), TypeError, r"Constant\.value must be a number"),
         (lambda: Switch(at=5, gamma0=-1.0), ValueError, r"Switch\.gamma0 must be a finite number >= 0"),
         (lambda: Switch(at=5, gamma0=math.inf), ValueError, r"Switch\.gamma0 must be a finite number >= 0"),
-        (lambda: Switch(at=0.0), ValueError, r"Switch\.at=0\.0: a float is a fraction of the run and must lie in \(0, 1\)"),
-        (lambda: Switch(at=1.0), ValueError, r"Switch\.at=1\.0: a float is a fraction of the run and must lie in \(0, 1\)"),
+        (
+            lambda: Switch(at=0.0),
+            ValueError,
+            r"Switch\.at=0\.0: a float is a fraction of the run and must lie in \(0, 1\)",
+        ),
+        (
+            lambda: Switch(at=1.0),
+            ValueError,
+            r"Switch\.at=1\.0: a float is a fraction of the run and must lie in \(0, 1\)",
+        ),
         (lambda: Switch(at=1.5), ValueError, r"must lie in \(0, 1\); pass an int for an absolute step"),
         (lambda: Switch(at=-0.5), ValueError, r"must lie in \(0, 1\)"),
         (lambda: Switch(at=math.nan), ValueError, r"must lie in \(0, 1\)"),
         (lambda: Switch(at=-1), ValueError, r"Switch\.at must be >= 0, got -1"),
-        (lambda: Switch(at=True), TypeError, r"Switch\.at must be an int \(step or epoch\) or a float in \(0, 1\), got True"),
+        (
+            lambda: Switch(at=True),
+            TypeError,
+            r"Switch\.at must be an int \(step or epoch\) or a float in \(0, 1\), got True",
+        ),
         (lambda: Switch(at=False), TypeError, r"Switch\.at must be an int"),
         (lambda: Switch(at="10"), TypeError, r"Switch\.at must be an int"),
         (lambda: Switch(at=None), TypeError, r"Switch\.at must be an int"),
@@ -460,7 +503,7 @@ def test_schedules_are_immutable():
         d.gamma0 = 2.0  # type: ignore[misc]
 
 
-# ---------------------------------------------------------------------------------------------------- schedules_for
+# -------------------------------------------------------------------------------------------- schedules_for
 TASKS = ("a", "b")
 
 
@@ -536,7 +579,10 @@ def test_schedules_for_per_task_mappings():
     assert sw == {"a": Switch(at=10, gamma0=0.5), "b": Switch(at=0.5, gamma0=3.0)}
     assert sw["a"](9, 100) == 0.5 and sw["a"](10, 100) == 0.0
     assert sw["b"](49, 100) == 3.0 and sw["b"](50, 100) == 0.0
-    assert schedules_for("mtl", TASKS, gamma0={"a": 0.0, "b": 1.0}) == {"a": Constant(0.0), "b": Constant(1.0)}
+    assert schedules_for("mtl", TASKS, gamma0={"a": 0.0, "b": 1.0}) == {
+        "a": Constant(0.0),
+        "b": Constant(1.0),
+    }
 
 
 def test_schedules_for_no_tasks():
@@ -559,14 +605,18 @@ def test_schedules_for_switch_needs_switch_at():
 
 
 def test_schedules_for_mapping_unknown_task():
-    with pytest.raises(ValueError, match=r"gamma0 names unknown auxiliary task\(s\) \['c'\]; the tasks are \['a', 'b'\]"):
+    with pytest.raises(
+        ValueError, match=r"gamma0 names unknown auxiliary task\(s\) \['c'\]; the tasks are \['a', 'b'\]"
+    ):
         schedules_for("mtl", TASKS, gamma0={"a": 1.0, "b": 1.0, "c": 1.0})
     with pytest.raises(ValueError, match=r"eta names unknown auxiliary task\(s\) \['x', 'y'\]"):
         schedules_for("diminish", TASKS, eta={"a": 0.1, "b": 0.1, "y": 0.1, "x": 0.1})
 
 
 def test_schedules_for_mapping_missing_task():
-    with pytest.raises(ValueError, match=r"eta gives no value for auxiliary task 'b'; give one for each of \['a', 'b'\]"):
+    with pytest.raises(
+        ValueError, match=r"eta gives no value for auxiliary task 'b'; give one for each of \['a', 'b'\]"
+    ):
         schedules_for("diminish", TASKS, eta={"a": 0.1})
     with pytest.raises(ValueError, match=r"switch_at gives no value for auxiliary task 'a'"):
         schedules_for("switch", TASKS, switch_at={"b": 10})

@@ -1,7 +1,7 @@
 """``mt2st-report DIR``: compare MT2ST runs in the style of the paper's Table V, from what the runs wrote.
 
 Finds every ``run_summary.json`` below ``DIR`` (written by ``mt2st-train``) and each run's ``metrics.csv``
-(Lightning's ``CSVLogger``), groups the runs by their label (the strategy, by default) and writes into ``DIR``:
+(Lightning's ``CSVLogger``), groups the runs by label (the strategy, by default) and writes into ``DIR``:
 
 - ``summary.md`` and ``summary.csv``: per group, mean ± std over seeds of test and best validation accuracy,
   wall time, training FLOPs, the compression rate against STL, FLOPs per batch after the switch, and the
@@ -51,6 +51,7 @@ TIME_AT_VAL = "cost/time_s_at_val"
 WEIGHT_PREFIX = "mt2st/weight/"
 # Table order for the built-in strategies; other labels follow alphabetically.
 STRATEGY_ORDER = ("stl", "mtl", "diminish", "switch", "gradnorm", "fisher", "noise")
+LINESTYLES = ("-", "--", ":", "-.")
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -184,10 +185,11 @@ class Row:
 
 @dataclass
 class Summary:
+    """The table's rows and what they are measured against (``None`` without STL runs)."""
+
     rows: list[Row]
-    # The STL runs' mean final validation accuracy; None without STL runs.
-    target: float | None
-    stl_flops: float | None
+    target: float | None  # the STL runs' mean final validation accuracy
+    stl_flops: float | None  # the STL runs' mean training FLOPs: the compression baseline
 
 
 def summarize(runs: Sequence[Run]) -> Summary:
@@ -248,8 +250,8 @@ def _seconds(x: float) -> str:
     return f"{x:.2f}"
 
 
-def _cell(stat: Stat | None, fmt: Any, missing: str = "") -> str:
-    return missing if stat is None else stat.format(fmt)
+def _cell(stat: Stat | None, fmt: Any) -> str:
+    return "" if stat is None else stat.format(fmt)
 
 
 def _to_target(stat: Stat | None, row: Row, fmt: Any, target: float | None) -> str:
@@ -300,23 +302,30 @@ def markdown_table(summary: Summary) -> str:
 def table_notes(summary: Summary) -> str:
     notes = []
     if summary.stl_flops is None:
-        notes.append("No STL run here: compression is relative to nothing and left blank, and so is the target.")
+        notes.append(
+            "No STL run here: compression is relative to nothing and left blank, and so is the target."
+        )
     else:
-        notes.append(f"Compression = 1 - FLOPs / {_si(summary.stl_flops)}FLOPs (the STL runs' mean training FLOPs).")
+        notes.append(
+            f"Compression = 1 - FLOPs / {_si(summary.stl_flops)}FLOPs (the STL runs' mean training FLOPs)."
+        )
     if summary.target is not None:
         notes.append(
-            f"Target = {_percent(summary.target)} % val accuracy (the STL runs' mean final value); time and FLOPs "
-            "to target are cumulative training cost at the first validation that reaches it."
+            f"Target = {_percent(summary.target)} % val accuracy (the STL runs' mean final value); time and "
+            "FLOPs to target are cumulative training cost at the first validation that reaches it."
         )
     notes.append(
-        "Train time and FLOPs count training batches (forward + backward, rank 0); wall time is the whole fit, "
-        "validation and checkpointing included. FLOPs/batch after switch: the last phase's count."
+        "Train time and FLOPs count training batches (forward + backward, rank 0); wall time is the whole "
+        "fit, validation and checkpointing included. FLOPs/batch after switch: the last phase's count."
     )
     return "\n".join(f"- {n}" for n in notes)
 
 
 def _stat_fields(name: str, stat: Stat | None) -> dict[str, Any]:
-    return {f"{name}_mean": "" if stat is None else stat.mean, f"{name}_std": "" if stat is None or stat.std is None else stat.std}
+    return {
+        f"{name}_mean": "" if stat is None else stat.mean,
+        f"{name}_std": "" if stat is None or stat.std is None else stat.std,
+    }
 
 
 def write_csv(summary: Summary, path: Path) -> None:
@@ -326,8 +335,15 @@ def write_csv(summary: Summary, path: Path) -> None:
         record: dict[str, Any] = {"strategy": row.label, "mt2st_strategy": row.strategy, "runs": row.runs}
         record["seeds"] = " ".join(str(s) for s in row.seeds)
         for name in (
-            "test_acc", "best_val_acc", "wall_time_s", "train_time_s", "train_flops", "compression",
-            "flops_per_batch_last_phase", "time_to_target_s", "flops_to_target",
+            "test_acc",
+            "best_val_acc",
+            "wall_time_s",
+            "train_time_s",
+            "train_flops",
+            "compression",
+            "flops_per_batch_last_phase",
+            "time_to_target_s",
+            "flops_to_target",
         ):
             record.update(_stat_fields(name, getattr(row, name)))
         record["reached_target"] = row.reached_target if summary.target is not None else ""
@@ -382,12 +398,15 @@ def plot_curves(runs: Sequence[Run], out_dir: Path) -> list[Path]:
         "flops": ("cost/flops", FLOPS_AT_VAL, "cumulative training FLOPs"),
     }.items():
         fig, axes = _figure(1, 2)
-        panels = ((axes[0][0], loss, train_x, "primary training loss"), (axes[0][1], VAL_METRIC, val_x, "validation accuracy"))
+        panels = (
+            (axes[0][0], loss, train_x, "primary training loss"),
+            (axes[0][1], VAL_METRIC, val_x, "validation accuracy"),
+        )
         for ax, y, x, title in panels:
             for i, (label, group) in enumerate(groups.items()):
                 color = f"C{i}"
                 for run in group:
-                    pts = sorted(_series(run, y, x).values())
+                    pts = [xy for _, xy in sorted(_series(run, y, x).items())]  # in step order
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, alpha=0.2, linewidth=0.8)
                 xs, ys = _mean_curve(group, y, x)
                 ax.plot(xs, ys, color=color, linewidth=1.8, label=f"{label} (n={len(group)})")
@@ -407,14 +426,25 @@ def plot_weights(runs: Sequence[Run], out_dir: Path) -> Path | None:
     groups = group_runs(r for r in runs if any(k.startswith(WEIGHT_PREFIX) for row in r.metrics for k in row))
     if not groups:
         return None
-    ncols = min(len(groups), 4)
+    ncols = 1 if len(groups) == 1 else 2 if len(groups) <= 4 else 3
     nrows = math.ceil(len(groups) / ncols)
-    fig, axes = _figure(nrows, ncols, width=4.5, height=3.2)
-    for ax, (label, group) in zip((ax for row in axes for ax in row), groups.items()):
+    fig, axes = _figure(nrows, ncols, width=4.8, height=3.0)
+    for ax, (label, group) in zip((ax for row in axes for ax in row), groups.items(), strict=False):
         columns = sorted({k for r in group for row in r.metrics for k in row if k.startswith(WEIGHT_PREFIX)})
+        top = 0.0
         for i, column in enumerate(columns):
             xs, ys = _mean_curve(group, column, "step")
-            ax.plot(xs, ys, color=f"C{i}", label=column.removeprefix(WEIGHT_PREFIX))
+            # Tasks often share one weight: distinct dashes keep every line visible where they overlap.
+            ax.plot(
+                xs,
+                ys,
+                color=f"C{i}",
+                linestyle=LINESTYLES[i % len(LINESTYLES)],
+                linewidth=1.6,
+                label=column.removeprefix(WEIGHT_PREFIX),
+            )
+            top = max([top, *ys])
+        ax.set_ylim(-0.05 * max(top, 1.0), 1.08 * max(top, 1.0))
         drops = sorted({step for r in group for step in r.drop_steps().values()})
         for step in drops:
             ax.axvline(step, color="k", linestyle="--", linewidth=1)
@@ -423,7 +453,7 @@ def plot_weights(runs: Sequence[Run], out_dir: Path) -> Path | None:
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in [ax for row in axes for ax in row][len(groups):]:
+    for ax in [ax for row in axes for ax in row][len(groups) :]:
         ax.set_visible(False)
     path = out_dir / "aux_weights.png"
     fig.savefig(path, dpi=110)
@@ -446,7 +476,9 @@ def write_report(root: str | Path, out_dir: str | Path | None = None) -> Report:
     root = Path(root)
     runs = collect_runs(root)
     if not runs:
-        raise FileNotFoundError(f"no {SUMMARY_FILE} below {root}: point mt2st-report at a run or sweep folder")
+        raise FileNotFoundError(
+            f"no {SUMMARY_FILE} below {root}: point mt2st-report at a run or sweep folder"
+        )
     out = Path(out_dir) if out_dir is not None else root
     out.mkdir(parents=True, exist_ok=True)
 
@@ -475,7 +507,9 @@ def _link(path: Path, base: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mt2st-report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("dir", type=Path, help="a run or sweep folder (searched recursively for run_summary.json)")
+    parser.add_argument(
+        "dir", type=Path, help="a run or sweep folder (searched recursively for run_summary.json)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: DIR)")
     args = parser.parse_args(argv)
     try:

@@ -15,20 +15,26 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 
 from mt2st_lightning.callback import MT2STCallback
 from mt2st_lightning.flops import PhaseCostMeter
 from mt2st_lightning.report import SUMMARY_FILE
 
-__all__ = ["CONFIG_DIR", "SUMMARY_FILE", "train", "main"]
+__all__ = ["CONFIG_DIR", "main", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,23 @@ def check_primary_task(cfg: DictConfig, tasks: dict[str, Any]) -> None:
         raise ValueError(
             f"model.primary={primary!r} is not a task of the data module {cfg.data._target_}, which provides "
             f"{list(tasks)}; set model.primary (or data.label_task) to one of them"
+        )
+
+
+def check_launch(trainer: L.Trainer) -> None:
+    """Refuse DDP's script launcher inside a ``--multirun``: it re-runs the command line once per extra
+    device, so every copy would run the whole sweep."""
+    strategy = trainer.strategy
+    # The launcher of strategy="ddp" (not of "ddp_spawn"), unless a cluster (SLURM) starts the processes.
+    relaunches = isinstance(getattr(strategy, "launcher", None), _SubprocessScriptLauncher) and not (
+        strategy.cluster_environment is not None and strategy.cluster_environment.creates_processes_externally
+    )
+    if relaunches and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise RuntimeError(
+            f"trainer.strategy={type(strategy).__name__} starts one process per device by re-running the "
+            "command line, which a --multirun cannot do (each copy would run the whole sweep). Launch DDP "
+            "runs one at a time without --multirun, or sweep with a launcher that starts the processes "
+            "itself (hydra/launcher=slurm)."
         )
 
 
@@ -79,6 +102,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ``cfg`` is the composed ``train`` config. Outside a Hydra run (tests, notebooks) set
     ``paths.output_dir`` to a folder: everything the run writes goes there.
     """
+    with _torch_threads(cfg.get("num_threads")):
+        return _train(cfg)
+
+
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """PyTorch's CPU thread count set to ``n`` for the run, and given back after it (callers may be tests)."""
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
@@ -89,27 +129,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     mt2st, callbacks = instantiate_callbacks(cfg)
     loggers = instantiate_loggers(cfg)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    check_launch(trainer)
 
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_wall_time_s = time.perf_counter() - start
-    final_val = _metric(trainer, "val/primary_metric")
-
-    checkpoint = _find(trainer.callbacks, ModelCheckpoint)
-    best_path = checkpoint.best_model_path if checkpoint is not None else ""
-    test_metric = None
-    if cfg.get("test"):
-        # The best checkpoint if one was kept (not under fast_dev_run); else the weights in memory.
-        results = trainer.test(model, datamodule=datamodule, ckpt_path="best" if best_path else None)
-        test_metric = results[0].get("test/primary_metric") if results else None
-
-    summary = _summary(cfg, trainer, model, mt2st, checkpoint, output_dir)
-    summary.update(
-        test_primary_metric=test_metric,
-        final_val_primary_metric=final_val,
-        fit_wall_time_s=fit_wall_time_s,
-        tested_checkpoint=best_path or "in-memory weights",
-    )
+    # Read the fit's outcome now: testing a checkpoint restores the callbacks' states saved in it.
+    summary = _fit_summary(cfg, trainer, model, mt2st, output_dir)
+    summary["fit_wall_time_s"] = fit_wall_time_s
+    summary.update(_test(cfg, trainer, model, datamodule))
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
@@ -122,18 +150,33 @@ def _metric(trainer: L.Trainer, name: str) -> float | None:
     return None if value is None else float(value)
 
 
-def _summary(
-    cfg: DictConfig,
-    trainer: L.Trainer,
-    model: L.LightningModule,
-    mt2st: MT2STCallback,
-    checkpoint: ModelCheckpoint | None,
-    output_dir: Path,
+def _test(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, datamodule: Any) -> dict[str, Any]:
+    """Test the best checkpoint if one was kept (none under fast_dev_run), else the weights in memory."""
+    if not cfg.get("test"):
+        return {"test_primary_metric": None, "tested_checkpoint": None}
+    checkpoint = _find(trainer.callbacks, ModelCheckpoint)
+    best = checkpoint.best_model_path if checkpoint is not None else ""
+    results = trainer.test(model, datamodule=datamodule, ckpt_path="best" if best else None)
+    return {
+        "test_primary_metric": results[0].get("test/primary_metric") if results else None,
+        "tested_checkpoint": _relative(Path(best), Path(cfg.paths.output_dir))
+        if best
+        else "in-memory weights",
+    }
+
+
+def _fit_summary(
+    cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, mt2st: MT2STCallback, output_dir: Path
 ) -> dict[str, Any]:
+    checkpoint = _find(trainer.callbacks, ModelCheckpoint)
     meter = _find(trainer.callbacks, PhaseCostMeter)
     cost = meter.summary() if meter is not None else {"total_flops": None, "total_time_s": None, "phases": {}}
     best_val = None
-    if checkpoint is not None and checkpoint.monitor == "val/primary_metric" and checkpoint.best_model_score is not None:
+    if (
+        checkpoint is not None
+        and checkpoint.monitor == "val/primary_metric"
+        and checkpoint.best_model_score is not None
+    ):
         best_val = float(checkpoint.best_model_score)
     csv_logs = [Path(lg.log_dir) / "metrics.csv" for lg in trainer.loggers if isinstance(lg, CSVLogger)]
     return {
@@ -153,11 +196,9 @@ def _summary(
         "planned_total": mt2st.total,
         "total_steps": trainer.global_step,
         "epochs": trainer.current_epoch,
+        "final_val_primary_metric": _metric(trainer, "val/primary_metric"),
         # Relative to the run's folder (where this file is), so a moved sweep folder still reads.
         "metrics_csv": _relative(csv_logs[0], output_dir) if csv_logs else None,
-        "best_checkpoint": _relative(Path(checkpoint.best_model_path), output_dir)
-        if checkpoint is not None and checkpoint.best_model_path
-        else None,
         "output_dir": str(output_dir.resolve()),
     }
 

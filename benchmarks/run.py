@@ -1,0 +1,569 @@
+"""MT2ST overhead benchmark (GitHub issue #4): ``python benchmarks/run.py`` (< 10 min on 2 CPU cores),
+``python benchmarks/run.py --quick`` (about a minute, smoke run, writes nothing unless --out is given).
+
+For each model size and each row of ``variants.VARIANTS``: the median training-step time against its
+hand-written baseline (the lockstep sessions of ``harness.run_lockstep``), FLOPs per step in each phase,
+the bytes held by the training state after the switch, and on a GPU the host-device synchronisations, the
+peak memory and the same ratios under bf16-mixed + torch.compile. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import random
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+import harness  # noqa: E402
+import patches  # noqa: E402
+import variants as V  # noqa: E402
+
+RESULTS = HERE / "RESULTS.md"
+MEASURE_STEPS = 9  # FLOP/memory fits: steps 0..8 cover every phase (switch at 3, last prune at 7)
+
+
+# ============================================================================== settings
+@dataclass
+class Settings:
+    models: list[str]
+    sessions: int  # lockstep sessions per model (fresh fits each)
+    timed: int  # timed steps per fit, after the warm-up
+    warmup: int  # steps not timed at the start of each fit (the switch and the pruning happen in them)
+    round_len: int  # a "round": this many consecutive lockstep cycles; the spread is over rounds
+    threads: int
+    with_patches: bool
+    quick: bool
+    clock: str = "cpu"  # "cpu": the fit thread's CPU time (time.thread_time); "wall": time.perf_counter
+    variant_filter: list[str] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return self.warmup + self.timed + 1  # +1: the last timed step's iteration ends at the next step's start
+
+
+def parse() -> tuple[Settings, argparse.Namespace]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 16 timed steps per fit (about a minute)")
+    ap.add_argument("--models", default=",".join(V.MODELS), help=f"comma-separated, from {list(V.MODELS)}")
+    ap.add_argument("--variants", default="", help="only rows whose name contains one of these (comma-separated);"
+                    " the baselines are always kept")
+    ap.add_argument("--sessions", type=int, default=None, help="lockstep sessions (fresh fits) per model (2; quick 1)")
+    ap.add_argument("--timed", type=int, default=None, help="timed steps per fit and session (105; quick 16)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    ap.add_argument("--no-patches", action="store_true", help="skip the rows that measure proposed library fixes")
+    ap.add_argument("--out", default=None, help="Markdown file to update (default: benchmarks/RESULTS.md for a"
+                    " full run, nothing for --quick)")
+    ap.add_argument("--dump", default=None, help="also write every timed step's times (JSON) to this file")
+    ap.add_argument("--smoke-gpu-path", action="store_true",
+                    help="run the GPU suite's code path (bf16-mixed + torch.compile) on the CPU, quick, no output")
+    a = ap.parse_args()
+    quick = a.quick or a.smoke_gpu_path
+    s = Settings(
+        models=[m for m in a.models.split(",") if m],
+        sessions=a.sessions or (1 if quick else 2),
+        timed=a.timed or (16 if quick else 105),
+        warmup=a.warmup or (8 if quick else 10),
+        round_len=8 if quick else 21,
+        threads=a.threads,
+        with_patches=not a.no_patches,
+        quick=quick,
+        variant_filter=[v for v in a.variants.split(",") if v],
+    )
+    unknown = [m for m in s.models if m not in V.MODELS]
+    if unknown:
+        ap.error(f"unknown model(s) {unknown}; choose from {list(V.MODELS)}")
+    if s.warmup <= 7:
+        ap.error("--warmup must be > 7: the last auxiliary head of the pruning row is dropped at step 7")
+    return s, a
+
+
+def select(s: Settings, gpu: bool, model: str) -> list[V.Variant]:
+    rows = list(V.VARIANTS) + (list(V.PATCHED_VARIANTS) if s.with_patches and not gpu else [])
+    rows = [v for v in rows if v.models is None or model in v.models]
+    if gpu:
+        rows = [v for v in rows if v.gpu]
+    if s.variant_filter:
+        keep = {v.name for v in rows if any(f in v.name for f in s.variant_filter)}
+        keep |= {v.name for v in rows if v.baseline is None}  # the baselines stay: the model table needs them
+        rows = [v for v in rows if v.name in keep]
+    V.by_name(rows)  # checks names and baselines
+    return rows
+
+
+# ============================================================================== environment
+def sh(*cmd: str) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent, timeout=20).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def environment(s: Settings) -> dict[str, str]:
+    import lightning
+
+    model = next((line.split(":", 1)[1].strip() for line in sh("lscpu").splitlines()
+                  if line.startswith("Model name")), platform.processor() or "?")
+    commit = sh("git", "rev-parse", "--short", "HEAD") or "?"
+    if sh("git", "status", "--porcelain"):
+        commit += " (dirty)"
+    return {
+        "cpu": model,
+        "cores": str(os.cpu_count()),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "python": platform.python_version(),
+        "commit": commit,
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "threads": f"torch.set_num_threads({s.threads}), set_num_interop_threads(1)",
+        "load": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+# ============================================================================== measuring
+@dataclass
+class ModelResult:
+    model: V.ModelSpec
+    logs: dict[str, list[harness.StepLog]]  # variant -> one log per session
+    paired: dict[str, list[harness.StepLog]]  # row -> its own copy of its baseline, one log per session
+    flops: dict[str, dict[int, int]]  # variant -> step -> FLOPs
+    flop_phases: dict[str, dict[int, int]]  # variant -> aux heads running -> FLOPs of that phase
+    memory: dict[str, dict[str, int]]  # variant -> training-state bytes after the last probe step
+    cuda_peak: dict[str, int] = field(default_factory=dict)
+    syncs: dict[str, float] = field(default_factory=dict)
+    params: int = 0
+    encoder_params: int = 0
+
+
+def measure_model(name: str, s: Settings, rows: list[V.Variant], opts: harness.FitOptions, log) -> ModelResult:
+    spec = V.MODELS[name]
+    data = harness.digits_data(spec.batch_size)
+    gpu = opts.accelerator == "gpu"
+    res = ModelResult(spec, {}, {}, {}, {}, {})
+    # FLOPs do not depend on torch.compile, and FlopCounterMode does not see inside compiled graphs: eager.
+    probe_opts = replace(opts, steps=MEASURE_STEPS, compile_encoder=False)
+
+    # FLOPs of every step of a short fit (not timed): the phases, and the adaptive measurement step (step 0).
+    # Rows that differ only in logging, the non-finite check or time-only patches share one FLOP probe.
+    t0 = time.perf_counter()
+    probed: dict[tuple, harness.StepLog] = {}
+    for v in rows:
+        key = flop_key(v)
+        if key not in probed:
+            probed[key] = harness.run_fit(spec, v, data, probe_opts, count_flops=True)
+        slog = probed[key]
+        res.flops[v.name] = dict(slog.flops)
+        res.flop_phases[v.name] = {}
+        for step, aux in zip(slog.step, slog.active_aux):
+            if step > 0:  # step 0 of an adaptive strategy is a measurement step
+                res.flop_phases[v.name].setdefault(aux, slog.flops[step])
+    # Memory: the training state once the last head is gone; on a GPU also the peak, and the synchronisations
+    # of every row (those depend on logging and on the non-finite check, so every row gets its own fit).
+    extra = MEASURE_STEPS + 4
+    for v in rows + (list(V.MEMORY_ONLY) if s.with_patches and not s.variant_filter else []):
+        in_memory_table = v.module != "mt2st" and v.baseline is None or (
+            v.module == "mt2st" and v.with_callback and v.phase == "post" and not v.patches_for_time and not set(v.callback) & set(V.QUIET))
+        if not (in_memory_table or gpu):
+            continue
+        kw: dict = dict(measure_state_at=extra - 1)
+        if gpu:
+            kw.update(cuda_peak_from=MEASURE_STEPS, sync_from=MEASURE_STEPS)
+        slog = harness.run_fit(spec, v, data, replace(opts, steps=extra), **kw)
+        if in_memory_table:
+            res.memory[v.name] = slog.state_bytes
+            if gpu:
+                res.cuda_peak[v.name] = slog.cuda_peak_bytes or 0
+        if gpu:
+            res.syncs[v.name] = statistics.mean(slog.syncs) if slog.syncs else float("nan")
+    log(f"  {name}: FLOP and memory probes {time.perf_counter() - t0:.1f}s")
+
+    # Timing: lockstep sessions. Each row is paired with its own copy of its baseline: a row's step i and the
+    # baseline's step i run back to back, a few ms apart, on the same batch, so that they see the same machine (on
+    # a shared VM the speed of a core drifts over tens of ms). The order of the pairs and which of the two goes
+    # first are drawn afresh every cycle (see harness.Baton), so neither side keeps a place in the cycle.
+    units: list[list[tuple[str, V.Variant]]] = []
+    by = {v.name: v for v in rows}
+    for j, v in enumerate(r for r in rows if r.baseline is not None):
+        units.append([(v.name, v), (f"{v.baseline}#{j}", by[v.baseline])])
+    for k in range(s.sessions):
+        t0 = time.perf_counter()
+        logs = harness.run_lockstep(spec, units, data, replace(opts, steps=s.steps), seed=k)
+        slots = [slot for unit in units for slot in unit]
+        for (key, v), (base_key, base) in units:
+            res.logs.setdefault(key, []).append(logs[key])
+            res.paired.setdefault(key, []).append(logs[base_key])
+            if base.name not in res.logs or len(res.logs[base.name]) <= k:
+                res.logs.setdefault(base.name, []).append(logs[base_key])
+        log(f"  {name}: lockstep session {k + 1}/{s.sessions}, {len(slots)} fits x {s.steps} steps, "
+            f"{time.perf_counter() - t0:.1f}s")
+    assert set(by) <= set(res.logs), sorted(set(by) - set(res.logs))
+    module = harness.build_module(spec, V.VARIANTS[1], data, 0)
+    res.params = sum(p.numel() for p in module.parameters())
+    res.encoder_params = sum(p.numel() for p in module.encoder.parameters())
+    return res
+
+
+def flop_key(v: V.Variant) -> tuple:
+    """Rows with equal keys do the same arithmetic: logging, the non-finite check and the patches add none."""
+    cb = {k: val for k, val in V.resolve_callback(v, 10**6).items() if k not in V.QUIET}
+    return v.module, repr(sorted(cb.items())), v.with_callback, v.predrop
+
+
+# ============================================================================== statistics
+@dataclass
+class Ratio:
+    variant_ms: float  # median step of the row
+    baseline_ms: float  # median step of the row's own baseline copy
+    added_us: float  # median over steps of (row step i - baseline step i)
+    ratio: float  # median over steps of (row step i / baseline step i): the headline; the target applies to it
+    ci: tuple[float, float]  # 95% bootstrap interval of ``ratio`` (steps resampled)
+    rounds: list[float]  # ``ratio`` within each round (round_len consecutive lockstep cycles)
+    of_medians: float  # median row step / median baseline step (unpaired)
+    wall: float  # ``ratio`` on wall-clock time (time.perf_counter)
+    window: float  # ``ratio`` on the hook window (first on_train_batch_start .. last on_train_batch_end)
+    mean: float  # mean / mean: charges the adaptive strategies' measuring steps to the row
+    n: int
+
+
+def _times(log: harness.StepLog, s: Settings, kind: str = "iteration", clock: str | None = None) -> list[float]:
+    clock = clock or s.clock
+    return [getattr(log, kind)(i, clock) for i in range(s.warmup, s.warmup + s.timed)]
+
+
+def bootstrap_ci(values: list[float], n: int = 1000, seed: int = 0) -> tuple[float, float]:
+    rng = random.Random(seed)
+    k = len(values)
+    meds = sorted(statistics.median(rng.choices(values, k=k)) for _ in range(n))
+    return meds[int(0.025 * n)], meds[int(0.975 * n) - 1]
+
+
+def ratio(res: ModelResult, v: V.Variant, s: Settings) -> Ratio:
+    mine, base = res.logs[v.name], res.paired[v.name]
+    for log in mine:
+        aux = log.active_aux[s.warmup : s.warmup + s.timed]
+        if v.phase == "post" and any(aux):
+            raise AssertionError(f"{v.name}: an auxiliary head ran in a timed step ({aux})")
+    med = statistics.median
+
+    def paired(kind: str = "iteration", clock: str | None = None) -> list[float]:
+        return [x / y for la, lb in zip(mine, base)
+                for x, y in zip(_times(la, s, kind, clock), _times(lb, s, kind, clock))]
+
+    a = [t for log in mine for t in _times(log, s)]
+    b = [t for log in base for t in _times(log, s)]
+    ratios = paired()
+    rounds = []
+    for k in range(len(mine)):
+        chunk = ratios[k * s.timed : (k + 1) * s.timed]
+        rounds += [med(chunk[r : r + s.round_len]) for r in range(0, s.timed - s.round_len + 1, s.round_len)]
+    return Ratio(
+        variant_ms=med(a) * 1e3, baseline_ms=med(b) * 1e3, added_us=med([x - y for x, y in zip(a, b)]) * 1e6,
+        ratio=med(ratios), ci=bootstrap_ci(ratios), rounds=rounds, of_medians=med(a) / med(b),
+        wall=med(paired(clock="wall")), window=med(paired(kind="window")),
+        mean=statistics.fmean(a) / statistics.fmean(b), n=len(a),
+    )
+
+
+# ============================================================================== the report
+def fmt_flops(x: float | None) -> str:
+    if x is None:
+        return "?"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= div:
+            return f"{x / div:.3g} {unit}"
+    return f"{x:.0f}"
+
+
+def fmt_bytes(x: int) -> str:
+    return f"{x / 1024:,.1f} KiB" if x < 1024**2 else f"{x / 1024**2:,.2f} MiB"
+
+
+def verdict(value: float, target: float | None) -> str:
+    if target is None:
+        return "no target (reported)"
+    return f"<= {target}: **met**" if value <= target else f"<= {target}: **NOT met**"
+
+
+def flop_cells(res: ModelResult, v: V.Variant) -> tuple[str, str]:
+    base = res.flop_phases[v.baseline]
+    bflops = next(iter(base.values()))
+    phases = res.flop_phases[v.name]
+    mine = phases[0] if v.phase == "post" else phases[max(phases)]
+    cell = fmt_flops(mine)
+    cfg = V.resolve_callback(v, 10**6)
+    if cfg.get("strategy") in ("gradnorm", "fisher", "noise"):
+        every = int(cfg.get("adapt_every", 10))
+        m = res.flops[v.name][0]
+        cell += f"; measuring step (1 in {every}): {fmt_flops(m)}"
+        return cell, f"{mine / bflops:.3f} (mean {((every - 1) * mine + m) / every / bflops:.3f})"
+    return cell, f"{mine / bflops:.3f}"
+
+
+def timing_table(results: list[ModelResult], rows: list[V.Variant], s: Settings, section: str) -> list[str]:
+    out = [
+        "| model | row | vs | median step, ms (row / baseline) | added per step | **ratio** | 95% CI | rounds: "
+        "min / median / max | ratio of medians | wall-clock | hook window | mean | FLOPs/step (row) | FLOP ratio "
+        "| target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for res in results:
+        for v in rows:
+            if v.section != section or v.name not in res.logs:
+                continue
+            r = ratio(res, v, s)
+            fl, fr = flop_cells(res, v)
+            out.append(
+                f"| {res.model.name} | {v.name} | {v.baseline} | {r.variant_ms:.2f} / {r.baseline_ms:.2f} "
+                f"| {r.added_us:+.0f} us | **{r.ratio:.3f}** | {r.ci[0]:.3f}-{r.ci[1]:.3f} "
+                f"| {min(r.rounds):.3f} / {statistics.median(r.rounds):.3f} / {max(r.rounds):.3f} "
+                f"| {r.of_medians:.3f} | {r.wall:.3f} | {r.window:.3f} | {r.mean:.3f} | {fl} | {fr} "
+                f"| {verdict(r.ratio, v.target)} |"
+            )
+    return out
+
+
+def memory_table(results: list[ModelResult], rows: list[V.Variant], gpu: bool) -> list[str]:
+    out = ["| model | row | params | grads | optimizer state | buffers | total | vs plain single-task | target |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    if gpu:
+        out = ["| model | row | training state | torch.cuda.max_memory_allocated | vs plain single-task | target |",
+               "|---|---|---|---|---|---|"]
+    for res in results:
+        base = res.memory.get("plain single-task")
+        for name, m in res.memory.items():
+            if gpu:
+                peak, bpeak = res.cuda_peak[name], res.cuda_peak["plain single-task"]
+                ok = verdict(peak / bpeak, 1.01) if name != "plain single-task" and "multi" not in name else ""
+                out.append(f"| {res.model.name} | {name} | {fmt_bytes(m['total'])} | {fmt_bytes(peak)} "
+                           f"| {peak / bpeak:.3f} | {ok} |")
+                continue
+            ok = verdict(m["total"] / base["total"], 1.01) if name not in ("plain single-task", "plain multi-task") else ""
+            out.append(
+                f"| {res.model.name} | {name} | {fmt_bytes(m['params'])} | {fmt_bytes(m['grads'])} "
+                f"| {fmt_bytes(m['optimizer'])} | {fmt_bytes(m['buffers'])} | {fmt_bytes(m['total'])} "
+                f"| {m['total'] / base['total']:.3f} | {ok} |"
+            )
+    return out
+
+
+def phase_table(results: list[ModelResult]) -> list[str]:
+    out = ["| model | 3 aux heads (steps 0-2) | 2 (steps 3-4) | 1 (steps 5-6) | 0 (step 7 on) | plain single-task "
+           "| plain multi-task |", "|---|---|---|---|---|---|---|"]
+    name = "diminish+prune, all pruned"
+    for res in results:
+        if name not in res.flop_phases:
+            continue
+        ph = res.flop_phases[name]
+        st = res.flop_phases["plain single-task"][0]
+        cells = [f"{fmt_flops(ph[k])} ({ph[k] / st:.3f}x)" if k in ph else "?" for k in (3, 2, 1, 0)]
+        mt = next(iter(res.flop_phases["plain multi-task"].values()))
+        out.append(f"| {res.model.name} | " + " | ".join(cells) + f" | {fmt_flops(st)} | {fmt_flops(mt)} |")
+    return out
+
+
+def models_table(results: list[ModelResult]) -> list[str]:
+    out = ["| model | encoder | batch | params (encoder / all heads) | FLOPs/step single-task / multi-task |",
+           "|---|---|---|---|---|"]
+    for res in results:
+        st = res.flop_phases["plain single-task"][0]
+        mt = next(iter(res.flop_phases["plain multi-task"].values()))
+        out.append(f"| {res.model.name} | {res.model.about} | {res.model.batch_size} "
+                   f"| {res.encoder_params / 1e6:.3f} M / {(res.params - res.encoder_params) / 1e6:.3f} M "
+                   f"| {fmt_flops(st)} / {fmt_flops(mt)} |")
+    return out
+
+
+def report(results: list[ModelResult], rows: list[V.Variant], s: Settings, env: dict[str, str], gpu: bool,
+           wall: float) -> str:
+    title = "GPU (bf16-mixed, torch.compile on the encoder)" if gpu else "CPU"
+    used = sorted({p for v in rows for p in v.patches} | ({"release-dropped-heads"} if s.with_patches else set()))
+    lines = [
+        f"### {title}: {env['date']}, {'quick smoke run' if s.quick else 'full run'}",
+        "",
+        f"- machine: {env['cpu']}, {env['cores']} cores"
+        + (f", {torch.cuda.get_device_name()}" if gpu else "")
+        + f"; load average at start {env['load']}",
+        f"- torch {env['torch']}, lightning {env['lightning']}, Python {env['python']}; commit {env['commit']}",
+        f"- {env['threads']}; {s.sessions} lockstep session(s) per model x {s.timed} timed steps per fit after "
+        f"{s.warmup} warm-up steps = {s.sessions * s.timed} timed steps per row; whole run {wall:.0f} s",
+        "- **How**: every row and every baseline is a real `Trainer.fit` (AdamW, logger=False, no progress bar, "
+        "no checkpointing, no validation). All fits of a model run in one process, in *lockstep*: one thread "
+        "per fit, and a baton lets exactly one fit run one training step at a time; each row is paired with "
+        "its own copy of its baseline, and the order of the pairs and which of the two goes first are drawn "
+        "afresh every cycle. So step i of a row and step i of its baseline run back to back, a few ms apart, on "
+        "the same data batch.",
+        "- **step** = one training-loop iteration timed by callbacks placed first and last in `callbacks`: from "
+        "`on_train_batch_start` to the next step's (the logger connector's end-of-batch work and the next batch's "
+        "fetch are in it); clock: " + ("this fit thread's CPU time (`time.thread_time`: time lost to other processes on this shared 2-core VM is left out; the wall-clock ratio is a column)" if s.clock == "cpu" else "wall-clock time, with `torch.cuda.synchronize()` at both ends") + ". *hook window* = first `on_train_batch_start` .. "
+        "last `on_train_batch_end` (the definition in the issue).",
+        f"- **ratio** = median over the timed steps of (row step i / baseline step i), the target applies to it; "
+        f"*95% CI* = bootstrap over steps; *rounds* = the same median within each run of {s.round_len} consecutive "
+        "cycles (min / median / max over rounds); *ratio of medians* = median row step / median baseline step; "
+        "*added per step* = median of (row step i - baseline step i); *mean* = mean / mean (charges the adaptive "
+        "strategies' measuring steps, 1 in 10). The **A/A** rows (a baseline against its own copy) show what "
+        "the method reads when there is no difference. The CI covers the step-to-step noise; fresh fits of the "
+        "same row differ by up to about 1.5% more (memory layout, which fits share a cycle), hence one fresh set "
+        "of fits per session.",
+        "",
+        "Models (real sklearn digits, 8x8, 3 auxiliary targets recon (64) / edges (64) / moments (5); heads "
+        "Linear-ReLU-Linear, hidden 64; AdamW lr 1e-3; same seed, data order and batch size on both sides):",
+        "",
+        *models_table(results),
+        "",
+        "#### 1 and 6. After the switch (and after Diminish has pruned every head) vs. the single-task model",
+        "",
+        *timing_table(results, rows, s, "post"),
+        "",
+        "#### 2. Before the switch vs. a hand-written multi-task step (fixed weights)",
+        "",
+        *timing_table(results, rows, s, "pre"),
+        "",
+        "#### 3. Host-device synchronisations per step added by the callback",
+        "",
+    ]
+    if gpu:
+        lines += ["| model | row | syncs/step | plain baseline | added |", "|---|---|---|---|---|"]
+        for res in results:
+            for name, n in res.syncs.items():
+                v = next((r for r in rows + V.MEMORY_ONLY if r.name == name), None)
+                if v is None or v.baseline is None:
+                    continue
+                b = res.syncs.get(v.baseline, float("nan"))
+                lines.append(f"| {res.model.name} | {name} | {n:.2f} | {b:.2f} | {n - b:+.2f} |")
+    else:
+        lines.append("not measured: no GPU (`torch.cuda.set_sync_debug_mode` counts only CUDA synchronisations; "
+                     "the code path is `Probe(sync_from=...)` in harness.py, run by the GPU suite).")
+    lines += [
+        "",
+        "#### 4. Memory after the switch vs. the single-task model (target <= 1.01)",
+        "",
+        ("torch.cuda.max_memory_allocated over steps 9-12, reset at step 9." if gpu else
+         "Measured: bytes of the storages held by the training state at the end of step 12 (after the optimizer "
+         "step, before the next zero_grad): parameters + existing `.grad` tensors + optimizer state tensors + "
+         "module buffers, each storage counted once. Not measured: activations and allocator caches (peak RSS "
+         "is not a reliable measure on CPU, so none is given)."),
+        "",
+        *memory_table(results, rows, gpu),
+        "",
+        "#### 5 and 6. FLOPs per step by phase (count of FlopCounterMode over one real training step: forward + "
+        "backward), Diminish with staggered pruning",
+        "",
+        "FLOPs per step are also in the timing tables above, next to the time ratios.",
+        "",
+        *phase_table(results),
+        "",
+    ]
+    if used:
+        lines += ["#### Proposed library fixes, measured by patching one row's own callback/module instance in this "
+                  "process (rows marked +name above; the diffs are in benchmarks/patches.py)", ""]
+        for name in used:
+            first = patches.describe(name).split("\n\n")[0].split("::")[0]
+            lines += [f"- **{name}**: " + " ".join(first.split())]
+    return "\n".join(lines)
+
+
+KEPT = "The GPU results below are from an earlier session:"
+
+
+def write_section(path: Path, which: str, body: str, keep_measured: bool = False) -> None:
+    """Replace the ``which`` (cpu/gpu) section of RESULTS.md, keeping the other one. With ``keep_measured``
+    (a GPU section written without a GPU), earlier measurements stay below the new first line."""
+    start, end = f"<!-- {which}:start -->", f"<!-- {which}:end -->"
+    text = path.read_text() if path.exists() else ""
+    old = re.search(re.escape(start) + "(.*?)" + re.escape(end), text, flags=re.S)
+    if keep_measured and old:
+        earlier = [ln for ln in old.group(1).strip().splitlines()]
+        while earlier and (earlier[0].startswith("missing:") or earlier[0] in ("", KEPT)):
+            earlier.pop(0)
+        if earlier:
+            body = f"{body.strip()}\n\n{KEPT}\n\n" + "\n".join(earlier)
+    if "<!-- cpu:start -->" not in text:
+        text = ("# MT2ST benchmark results\n\nWritten by `python benchmarks/run.py` (see benchmarks/README.md); each run "
+                "replaces its own section.\n\n## CPU\n\n<!-- cpu:start -->\n<!-- cpu:end -->\n\n## GPU\n\n"
+                "<!-- gpu:start -->\nmissing: no GPU was available in any session so far.\n<!-- gpu:end -->\n")
+    new = f"{start}\n{body.strip()}\n{end}"
+    text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: new, text, flags=re.S)
+    path.write_text(text)
+
+
+def dump(results: list[ModelResult], s: Settings, path: Path) -> None:
+    import json
+
+    def times(log):
+        return {f"{kind}_{clock}": _times(log, s, kind, clock) for kind in ("iteration", "window")
+                for clock in ("cpu", "wall")}
+
+    raw = {res.model.name: {name: {"row": [times(log) for log in logs],
+                                   "baseline": [times(log) for log in res.paired.get(name, [])]}
+                            for name, logs in res.logs.items()} for res in results}
+    path.write_text(json.dumps(raw))
+
+
+# ============================================================================== main
+def suite(s: Settings, opts: harness.FitOptions, log) -> tuple[list[ModelResult], list[V.Variant]]:
+    gpu = opts.accelerator == "gpu"
+    results, all_rows = [], {}
+    for name in s.models:
+        rows = select(s, gpu=gpu or opts.compile_encoder, model=name)
+        all_rows.update({v.name: v for v in rows})
+        results.append(measure_model(name, s, rows, opts, log))
+    return results, list(all_rows.values())
+
+
+def main() -> None:
+    s, a = parse()
+    torch.set_num_threads(s.threads)
+    torch.set_num_interop_threads(1)
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
+
+    env = environment(s)
+    log(f"{env['cpu']}, {env['cores']} cores, torch {env['torch']}, lightning {env['lightning']}, {env['threads']}, "
+        f"load {env['load']}")
+
+    if a.smoke_gpu_path:
+        opts = harness.FitOptions(steps=0, accelerator="cpu", precision="bf16-mixed", compile_encoder=True)
+        results, rows = suite(s, opts, log)
+        print(report(results, rows, s, env, gpu=False, wall=time.perf_counter() - t_start))
+        return
+
+    results, rows = suite(s, harness.FitOptions(steps=0), log)
+    if a.dump:
+        dump(results, s, Path(a.dump))
+    cpu_body = report(results, rows, s, env, gpu=False, wall=time.perf_counter() - t_start)
+    out = Path(a.out) if a.out else (None if s.quick else RESULTS)
+    print(cpu_body)
+    if torch.cuda.is_available():
+        log("GPU suite: bf16-mixed + torch.compile")
+        gs = replace(s, clock="wall")
+        t_gpu = time.perf_counter()
+        g_results, g_rows = suite(gs, harness.FitOptions(steps=0, accelerator="gpu", precision="bf16-mixed",
+                                                         compile_encoder=True), log)
+        gpu_body = report(g_results, g_rows, gs, env, gpu=True, wall=time.perf_counter() - t_gpu)
+    else:
+        gpu_body = f"missing: no GPU was available in this session ({env['date']}, commit {env['commit']})."
+    print("\n## GPU\n\n" + gpu_body)
+    if out is not None:
+        write_section(out, "cpu", cpu_body)
+        write_section(out, "gpu", gpu_body, keep_measured=not torch.cuda.is_available())
+        log(f"wrote {out}")
+    log("done")
+
+
+if __name__ == "__main__":
+    main()

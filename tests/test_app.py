@@ -1,0 +1,336 @@
+"""The Hydra app (``conf/``, ``mt2st_lightning.train``): every config composes and builds, bad configs fail
+with Hydra's errors before training, and training runs in-process, from the command line, as a sweep and
+under DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+
+from mt2st_lightning import MT2STCallback
+from mt2st_lightning.data import DigitsDataModule
+from mt2st_lightning.flops import PhaseCostMeter
+from mt2st_lightning.models import MultiTaskModel
+from mt2st_lightning.train import CONFIG_DIR, instantiate_callbacks, train
+
+AUX = ["recon", "edges", "moments"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def compose_train(*overrides: str, hydra_config: bool = False) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=hydra_config)
+
+
+def run_cli(
+    *args: str, cwd: Path, timeout: float = 120, module: str = "mt2st_lightning.train"
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        check=False,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def digits_tasks() -> dict:
+    return DigitsDataModule().task_specs
+
+
+# ---------------------------------------------------------------------------------------------- composition
+def test_config_dir_is_the_repository_conf():
+    assert (CONFIG_DIR / "train.yaml").is_file()
+    for group in (
+        "model",
+        "data",
+        "strategy",
+        "trainer",
+        "callbacks",
+        "logger",
+        "experiment",
+        "hydra/launcher",
+    ):
+        assert options(group), f"conf/{group}/ holds no option"
+
+
+def test_default_config_is_a_quick_digits_switch_run():
+    cfg = compose_train()
+    assert cfg.data._target_.endswith("DigitsDataModule") and cfg.model.encoder._target_.endswith(
+        "MLPEncoder"
+    )
+    assert cfg.strategy.strategy == "switch" and cfg.label == "switch"
+    assert cfg.model.primary == cfg.data.label_task == "digit"
+    assert cfg.trainer.enable_progress_bar is True
+    assert list(cfg.callbacks) == ["model_checkpoint", "cost_meter"]
+    assert cfg.callbacks.model_checkpoint.save_last is True
+    assert (cfg.callbacks.model_checkpoint.monitor, cfg.callbacks.model_checkpoint.mode) == (
+        "val/primary_metric",
+        "max",
+    )
+
+
+@pytest.mark.parametrize("name", options("strategy"))
+def test_every_strategy_instantiates_the_mt2st_callback(name):
+    cfg = compose_train(f"strategy={name}")
+    callback = hydra.utils.instantiate(cfg.strategy)
+    assert isinstance(callback, MT2STCallback)
+    assert callback.strategy == name
+
+
+def test_the_mt2st_callback_comes_first_and_the_meter_second(tmp_path):
+    # Config order puts the checkpoint before the meter; PhaseCostMeter needs to follow MT2STCallback.
+    cfg = compose_train(f"paths.output_dir={tmp_path}", "callbacks=[default,early_stopping]")
+    mt2st, callbacks = instantiate_callbacks(cfg)
+    assert callbacks[0] is mt2st and isinstance(callbacks[1], PhaseCostMeter)
+    assert [type(c).__name__ for c in callbacks[2:]] == ["ModelCheckpoint", "EarlyStopping"]
+
+
+@pytest.mark.parametrize("name", options("model"))
+def test_every_model_builds_for_the_digits_tasks(name, digits_tasks):
+    cfg = compose_train(f"model={name}")
+    model = hydra.utils.instantiate(cfg.model, tasks=digits_tasks, _convert_="all")
+    assert isinstance(model, MultiTaskModel)
+    assert model.tasks == ("digit", *AUX)
+    outputs = model(torch.rand(2, 1, 8, 8))
+    assert outputs["digit"].shape == (2, 10) and outputs["recon"].shape == (2, 64)
+
+
+@pytest.mark.parametrize("name", options("data"))
+def test_every_data_option_instantiates(name):
+    cfg = compose_train(f"data={name}")
+    datamodule = hydra.utils.instantiate(cfg.data)
+    assert isinstance(datamodule, L.LightningDataModule)
+    assert datamodule.label_task == cfg.model.primary  # the model's primary task follows the data
+    assert list(datamodule.aux_tasks) == AUX
+
+
+@pytest.mark.parametrize("name", options("trainer"))
+def test_every_trainer_preset_composes_and_builds_where_this_machine_can(name, tmp_path):
+    cfg = compose_train(f"trainer={name}", f"paths.output_dir={tmp_path}")
+    assert cfg.trainer.precision
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        pytest.skip(f"trainer={name} needs a GPU; composed only")
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False)
+    assert isinstance(trainer, L.Trainer)
+    assert trainer.num_devices == cfg.trainer.devices
+
+
+def test_precision_presets():
+    assert compose_train("trainer=bf16").trainer.precision == "bf16-mixed"
+    assert compose_train("trainer=fp16").trainer.precision == "16-mixed"
+    ddp = compose_train("trainer=ddp_cpu").trainer
+    assert (ddp.strategy, ddp.accelerator, ddp.devices) == ("ddp", "cpu", 2)
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_every_experiment_composes_and_builds(name, digits_tasks, tmp_path):
+    cfg = compose_train(f"experiment={name}", f"paths.output_dir={tmp_path}", hydra_config=True)
+    assert cfg.task_name == name
+    assert isinstance(hydra.utils.instantiate(cfg.strategy), MT2STCallback)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    if isinstance(datamodule, DigitsDataModule):  # the other data sets are not on this machine
+        model = hydra.utils.instantiate(cfg.model, tasks=digits_tasks, _convert_="all")
+        assert model.primary_task == "digit"
+
+
+def test_paper_digits_sweeps_the_four_regimes_over_three_seeds():
+    cfg = compose_train("experiment=paper_digits", hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params.strategy.split(",") == ["stl", "mtl", "diminish", "switch"]
+    assert params.seed.split(",") == ["0", "1", "2"]
+    # Each sweep gets a timestamped folder; each job a subfolder named after its strategy and seed.
+    assert re.fullmatch(
+        r"outputs/paper_digits/multiruns/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d{6}", cfg.hydra.sweep.dir
+    )
+    subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"]
+    assert subdir == "${hydra.job.num}_${hydra.runtime.choices.strategy}_seed${seed}"
+
+
+def test_optional_callbacks_and_loggers_compose():
+    assert list(compose_train("callbacks=none").callbacks) == []
+    assert "early_stopping" in compose_train("callbacks=[default,early_stopping]").callbacks
+    assert list(compose_train("logger=[csv,tensorboard]").logger) == ["csv", "tensorboard"]
+
+
+def test_slurm_launcher_config():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the optional extra [slurm]")
+    cfg = compose_train("hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2", hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.nodes == 1 and cfg.trainer.num_nodes == 2
+
+
+# ---------------------------------------------------------------------------------------------- failing early
+def test_a_misspelled_key_fails_with_hydras_error():
+    with pytest.raises(ConfigCompositionException, match="trainer.max_epoch"):
+        compose_train("trainer.max_epoch=3")
+
+
+def test_an_unknown_group_option_fails_with_hydras_error():
+    with pytest.raises(MissingConfigException, match="strategy/swtich"):
+        compose_train("strategy=swtich")
+
+
+def test_a_primary_task_the_data_lacks_is_named(tmp_path):
+    cfg = compose_train(f"paths.output_dir={tmp_path}", "model.primary=label")
+    with pytest.raises(ValueError, match=r"model.primary='label'.*\['digit', 'recon', 'edges', 'moments'\]"):
+        train(cfg)
+    assert not any(tmp_path.iterdir()), "nothing may be written before the config is known to be valid"
+
+
+def test_an_unknown_auxiliary_task_is_named(tmp_path):
+    cfg = compose_train(f"paths.output_dir={tmp_path}", "data.aux_tasks=[recon,shape]")
+    with pytest.raises(InstantiationException, match="'shape'"):
+        train(cfg)
+
+
+def test_a_strategy_naming_an_unknown_task_fails_before_the_first_step(tmp_path):
+    cfg = compose_train(
+        f"paths.output_dir={tmp_path}",
+        "experiment=smoke",
+        "strategy.switch_at={recon:2,edges:2,moments:2,bogus:3}",
+    )
+    with pytest.raises(ValueError, match="bogus"):
+        train(cfg)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------- training
+@pytest.mark.slow
+def test_train_writes_and_returns_the_run_summary(tmp_path):
+    cfg = compose_train(f"paths.output_dir={tmp_path}", "experiment=smoke")
+    summary = train(cfg)
+
+    assert json.loads((tmp_path / "run_summary.json").read_text()) == summary
+    assert (summary["strategy"], summary["label"], summary["seed"]) == ("switch", "switch", 0)
+    assert summary["total_steps"] == 8 and summary["planned_total"] == 8
+    assert summary["drop_times"] == {task: 2 for task in AUX}  # switch_at 0.3 of 8 steps
+    phases = summary["phases"]
+    assert list(phases) == ["digit+recon+edges+moments", "digit"]
+    assert [p["batches"] for p in phases.values()] == [2, 6]
+    assert summary["train_flops"] == sum(p["batches"] * p["flops_per_batch"] for p in phases.values())
+    assert 0.0 <= summary["test_primary_metric"] <= 1.0
+    assert summary["best_val_primary_metric"] is not None
+    assert (tmp_path / summary["metrics_csv"]).is_file()
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_train_under_fast_dev_run_tests_the_weights_in_memory(tmp_path):
+    cfg = compose_train(
+        f"paths.output_dir={tmp_path}", "trainer.fast_dev_run=true", "trainer.enable_progress_bar=false"
+    )
+    summary = train(cfg)
+    assert summary["total_steps"] == 1
+    assert summary["tested_checkpoint"] == "in-memory weights"
+    assert summary["metrics_csv"] is None  # fast_dev_run silences the loggers
+
+
+@pytest.mark.slow
+def test_cli_rejects_a_misspelled_key_before_training(tmp_path):
+    result = run_cli("trainer.max_epoch=3", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Could not override 'trainer.max_epoch'" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_multirun_then_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "--multirun", "experiment=smoke", "strategy=stl,mtl,switch", f"hydra.sweep.dir={sweep}", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [
+        "0_stl_seed0",
+        "1_mtl_seed0",
+        "2_switch_seed0",
+    ]
+    assert "| strategy | runs |" in result.stdout  # the end-of-sweep summary (hydra.callbacks)
+
+    report_cmd = shutil.which("mt2st-report")
+    if report_cmd:
+        report = subprocess.run(
+            [report_cmd, str(sweep)], check=False, capture_output=True, text=True, timeout=120
+        )
+    else:
+        report = run_cli(str(sweep), cwd=tmp_path, module="mt2st_lightning.report")
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "compression vs STL (%)" in report.stdout
+
+    with open(sweep / "summary.csv", newline="") as f:
+        rows = {row["strategy"]: row for row in csv.DictReader(f)}
+    assert list(rows) == ["stl", "mtl", "switch"]
+    for column in (
+        "test_acc_mean",
+        "best_val_acc_mean",
+        "wall_time_s_mean",
+        "train_flops_mean",
+        "compression_mean",
+        "flops_per_batch_last_phase_mean",
+        "time_to_target_s_mean",
+        "flops_to_target_mean",
+    ):
+        assert column in rows["stl"]
+    assert float(rows["stl"]["compression_mean"]) == 0.0
+    assert float(rows["mtl"]["compression_mean"]) < float(rows["switch"]["compression_mean"]) < 0.0
+    assert float(rows["switch"]["flops_per_batch_last_phase_mean"]) < float(
+        rows["mtl"]["flops_per_batch_last_phase_mean"]
+    )
+    for name in ("summary.md", "curves_vs_step.png", "curves_vs_flops.png", "aux_weights.png"):
+        assert (sweep / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_ddp_cpu_trains_across_a_switch(tmp_path):
+    start = time.perf_counter()
+    result = run_cli(
+        "experiment=smoke",
+        "trainer=ddp_cpu",
+        "trainer.max_steps=6",
+        "strategy.switch_at=3",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert time.perf_counter() - start < 60
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["total_steps"] == 6
+    assert summary["drop_times"] == {task: 3 for task in AUX}
+    assert [p["batches"] for p in summary["phases"].values()] == [3, 3]
+
+
+@pytest.mark.slow
+def test_ddp_inside_a_multirun_is_refused(tmp_path):
+    result = run_cli(
+        "--multirun",
+        "experiment=smoke",
+        "trainer=ddp_cpu",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    assert "a --multirun cannot do" in result.stderr

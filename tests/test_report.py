@@ -1,0 +1,303 @@
+"""``mt2st-report`` on small synthetic run folders with known numbers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from mt2st_lightning.report import Stat, collect_runs, main, markdown_table, summarize, write_report
+
+FULL, SINGLE = "digit+recon", "digit"
+
+
+def write_run(
+    root: Path,
+    name: str,
+    *,
+    strategy: str,
+    seed: int,
+    flops: float,
+    val: list[tuple[int, float, float, float]],
+    test_acc: float = 0.9,
+    phases: dict | None = None,
+    drop_times: dict | None = None,
+    weights: dict[int, float] | None = None,
+    label: str | None = None,
+    unit: str = "step",
+    absolute_csv: bool = False,
+) -> Path:
+    """A run folder as mt2st-train writes it. ``val``: (step, val accuracy, cumulative FLOPs, cumulative
+    time) per validation; ``weights``: step -> the auxiliary weight logged then."""
+    run = root / name
+    (run / "csv").mkdir(parents=True)
+    rows = [
+        {
+            "epoch": 0,
+            "step": step,
+            "mt2st/weight/recon": w,
+            "train/loss/digit": 1.0 / (step + 1),
+            "cost/flops": flops * (step + 1) / 100,
+        }
+        for step, w in (weights or {}).items()
+    ]
+    rows += [
+        {"epoch": i, "step": step, "val/primary_metric": acc, "cost/flops_at_val": f, "cost/time_s_at_val": t}
+        for i, (step, acc, f, t) in enumerate(val)
+    ]
+    columns = sorted({k for r in rows for k in r})
+    with open(run / "csv" / "metrics.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = {
+        "label": label or strategy,
+        "strategy": strategy,
+        "seed": seed,
+        "primary_task": "digit",
+        "test_primary_metric": test_acc,
+        "best_val_primary_metric": max(acc for _, acc, _, _ in val),
+        "final_val_primary_metric": val[-1][1],
+        "train_flops": flops,
+        "train_time_s": 10.0,
+        "fit_wall_time_s": 12.0,
+        "phases": phases or {FULL: {"batches": 1, "flops_per_batch": 2}},
+        "drop_times": drop_times or {},
+        "mt2st_unit": unit,
+        "metrics_csv": str((run / "csv" / "metrics.csv").resolve()) if absolute_csv else "csv/metrics.csv",
+    }
+    (run / "run_summary.json").write_text(json.dumps(summary))
+    return run
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """Two STL seeds (final val 0.75 and 0.875: target 0.8125), two Switch seeds that reach it at the 2nd and
+    3rd validation, and one MTL seed that never does. Binary fractions, so that >= is exact."""
+    stl_phases = {SINGLE: {"batches": 100, "flops_per_batch": 50}}
+    write_run(
+        tmp_path,
+        "0_stl_seed0",
+        strategy="stl",
+        seed=0,
+        flops=5000,
+        test_acc=0.80,
+        phases=stl_phases,
+        val=[(9, 0.5, 500, 1.0), (19, 0.875, 1000, 2.0), (29, 0.75, 1500, 3.0)],
+        drop_times={"recon": 0},
+    )
+    write_run(
+        tmp_path,
+        "1_stl_seed1",
+        strategy="stl",
+        seed=1,
+        flops=5000,
+        test_acc=0.90,
+        phases=stl_phases,
+        val=[(9, 0.625, 500, 1.0), (19, 0.6875, 1000, 2.0), (29, 0.875, 1500, 3.0)],
+        drop_times={"recon": 0},
+    )
+    switch_phases = {
+        FULL: {"batches": 30, "flops_per_batch": 100},
+        SINGLE: {"batches": 70, "flops_per_batch": 50},
+    }
+    weights = {0: 1.0, 10: 1.0, 20: 1.0, 30: 0.0, 40: 0.0}
+    write_run(
+        tmp_path,
+        "2_switch_seed0",
+        strategy="switch",
+        seed=0,
+        flops=6500,
+        test_acc=0.91,
+        phases=switch_phases,
+        val=[(9, 0.5, 1000, 1.5), (19, 0.8125, 2000, 2.5), (29, 0.9, 2500, 3.5)],
+        drop_times={"recon": 30},
+        weights=weights,
+    )
+    write_run(
+        tmp_path,
+        "3_switch_seed1",
+        strategy="switch",
+        seed=1,
+        flops=6500,
+        test_acc=0.93,
+        phases=switch_phases,
+        val=[(9, 0.5, 1000, 1.5), (19, 0.8, 2000, 2.5), (29, 0.95, 2500, 4.5)],
+        drop_times={"recon": 30},
+        weights=weights,
+        absolute_csv=True,
+    )
+    write_run(
+        tmp_path,
+        "4_mtl_seed0",
+        strategy="mtl",
+        seed=0,
+        flops=10000,
+        phases={FULL: {"batches": 100, "flops_per_batch": 100}},
+        val=[(9, 0.5, 1000, 1.0), (19, 0.6, 2000, 2.0), (29, 0.8, 3000, 3.0)],
+    )
+    return tmp_path
+
+
+def rows_by_label(root: Path) -> dict:
+    return {row.label: row for row in summarize(collect_runs(root)).rows}
+
+
+def test_stat_is_mean_and_sample_std():
+    stat = Stat.of([1.0, 2.0, None, 3.0])
+    assert (stat.mean, stat.std, stat.n) == (2.0, 1.0, 3)
+    assert Stat.of([5.0]) == Stat(5.0, None, 1)
+    assert Stat.of([None]) is None
+    assert stat.format("{:.1f}".format) == "2.0 ± 1.0"
+    assert Stat(5.0, None, 1).format("{:.1f}".format) == "5.0"
+
+
+def test_collect_runs_reads_summaries_and_relative_or_absolute_metrics(sweep):
+    runs = collect_runs(sweep)
+    assert [r.dir.name for r in runs] == [
+        "0_stl_seed0",
+        "1_stl_seed1",
+        "2_switch_seed0",
+        "3_switch_seed1",
+        "4_mtl_seed0",
+    ]
+    assert all(r.metrics for r in runs)
+    assert runs[0].final_val == 0.75 and runs[0].best_val == 0.875
+
+
+def test_rows_come_in_the_papers_order_with_mean_and_std_over_seeds(sweep):
+    rows = rows_by_label(sweep)
+    assert list(rows) == ["stl", "mtl", "switch"]
+    switch = rows["switch"]
+    assert (switch.runs, switch.seeds) == (2, [0, 1])
+    assert switch.test_acc.mean == pytest.approx(0.92) and switch.test_acc.std == pytest.approx(
+        statistics.stdev([0.91, 0.93])
+    )
+    assert switch.best_val_acc.mean == pytest.approx(0.925)
+    assert switch.flops_per_batch_last_phase == Stat(50.0, 0.0, 2)  # the post-switch phase, not the first one
+    assert rows["mtl"].flops_per_batch_last_phase.mean == 100
+
+
+def test_compression_is_relative_to_the_mean_stl_flops(sweep):
+    rows = rows_by_label(sweep)
+    assert rows["stl"].compression.mean == 0.0
+    assert rows["switch"].compression.mean == pytest.approx(1 - 6500 / 5000)
+    assert rows["mtl"].compression.mean == pytest.approx(-1.0)
+
+
+def test_the_stl_rows_compression_is_exactly_zero_whatever_its_flops(tmp_path):
+    for seed, flops in enumerate([1e9 + 1, 3e9 / 7, 12345.678]):
+        write_run(tmp_path, f"stl{seed}", strategy="stl", seed=seed, flops=flops, val=[(9, 0.5, 1, 1)])
+    write_run(tmp_path, "switch", strategy="switch", seed=0, flops=2e9, val=[(9, 0.5, 1, 1)])
+    rows = rows_by_label(tmp_path)
+    baseline = statistics.fmean([1e9 + 1, 3e9 / 7, 12345.678])
+    assert rows["stl"].compression.mean == 0.0
+    assert rows["stl"].compression.std == pytest.approx(
+        statistics.stdev([1e9 + 1, 3e9 / 7, 12345.678]) / baseline
+    )
+    assert rows["switch"].compression.mean == pytest.approx(1 - 2e9 / baseline)
+
+
+def test_time_and_flops_to_target(sweep):
+    summary = summarize(collect_runs(sweep))
+    assert summary.target == 0.8125  # mean of the STL runs' final 0.75 and 0.875
+    rows = {row.label: row for row in summary.rows}
+    # Switch: seed 0 reaches 0.8125 at its 2nd validation (>= counts), seed 1 at its 3rd.
+    assert rows["switch"].reached_target == 2
+    assert rows["switch"].time_to_target_s.mean == pytest.approx((2.5 + 4.5) / 2)
+    assert rows["switch"].time_to_target_s.std == pytest.approx(math.sqrt(2))
+    assert rows["switch"].flops_to_target.mean == pytest.approx(2250)
+    # STL: seed 0 passes the target at 0.875 on its way down to 0.75; seed 1 only at the end.
+    assert rows["stl"].reached_target == 2 and rows["stl"].flops_to_target.mean == pytest.approx(1250)
+    assert rows["mtl"].reached_target == 0 and rows["mtl"].time_to_target_s is None
+
+
+def test_markdown_table(sweep):
+    table = markdown_table(summarize(collect_runs(sweep)))
+    lines = table.splitlines()
+    assert lines[0].startswith("| strategy | runs | test acc (%) |") and "compression vs STL (%)" in lines[0]
+    cells = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in lines[2:]}
+    assert cells["stl"][7] == "0.0 ± 0.0"
+    assert cells["switch"][7] == "-30.0 ± 0.0"
+    assert cells["switch"][2] == "92.0 ± 1.4"
+    assert cells["switch"][9] == "3.50 ± 1.41"
+    assert cells["mtl"][9] == "not reached"
+
+
+def test_partly_reached_targets_say_how_many_runs(tmp_path):
+    write_run(tmp_path, "stl", strategy="stl", seed=0, flops=100, val=[(9, 0.9, 10, 1.0)])
+    write_run(tmp_path, "a", strategy="switch", seed=0, flops=100, val=[(9, 0.95, 10, 1.0)])
+    write_run(tmp_path, "b", strategy="switch", seed=1, flops=100, val=[(9, 0.5, 10, 1.0)])
+    table = markdown_table(summarize(collect_runs(tmp_path)))
+    assert "1.00 (1/2 runs)" in table
+
+
+def test_without_stl_compression_and_target_are_blank(tmp_path):
+    write_run(tmp_path, "a", strategy="switch", seed=0, flops=100, val=[(9, 0.9, 10, 1.0)])
+    report = write_report(tmp_path)
+    row = report.summary.rows[0]
+    assert row.compression is None and row.time_to_target_s is None and report.summary.target is None
+    assert "compression is relative to nothing" in report.markdown_path.read_text()
+    with open(report.csv_path, newline="") as f:
+        (record,) = csv.DictReader(f)
+    assert record["compression_mean"] == "" and record["time_to_target_s_mean"] == ""
+
+
+def test_labels_group_variants_of_one_strategy(tmp_path):
+    write_run(tmp_path, "stl", strategy="stl", seed=0, flops=100, val=[(9, 0.9, 10, 1.0)])
+    write_run(
+        tmp_path, "early", strategy="switch", label="switch@0.1", seed=0, flops=110, val=[(9, 0.9, 10, 1.0)]
+    )
+    write_run(
+        tmp_path, "late", strategy="switch", label="switch@0.5", seed=0, flops=150, val=[(9, 0.9, 10, 1.0)]
+    )
+    rows = rows_by_label(tmp_path)
+    assert list(rows) == ["stl", "switch@0.1", "switch@0.5"]
+    assert rows["switch@0.5"].compression.mean == pytest.approx(-0.5)
+
+
+def test_epoch_drop_times_map_to_the_epochs_first_logged_step(tmp_path):
+    write_run(
+        tmp_path,
+        "a",
+        strategy="switch",
+        seed=0,
+        flops=1,
+        unit="epoch",
+        drop_times={"recon": 1},
+        val=[(9, 0.5, 1, 1), (19, 0.6, 2, 2)],
+    )
+    (run,) = collect_runs(tmp_path)
+    assert run.drop_steps() == {"recon": 19.0}
+
+
+def test_write_report_writes_tables_and_plots(sweep):
+    report = write_report(sweep)
+    assert {p.name for p in report.plots} == {"curves_vs_step.png", "curves_vs_flops.png", "aux_weights.png"}
+    for path in report.plots:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (sweep / "summary.md").read_text()
+    assert report.table in markdown and "![aux_weights](aux_weights.png)" in markdown
+    with open(sweep / "summary.csv", newline="") as f:
+        records = {r["strategy"]: r for r in csv.DictReader(f)}
+    assert float(records["stl"]["compression_mean"]) == 0.0
+    assert float(records["switch"]["flops_to_target_mean"]) == pytest.approx(2250)
+    assert records["mtl"]["reached_target"] == "0"
+
+
+def test_cli(sweep, tmp_path, capsys):
+    out = tmp_path / "elsewhere"
+    main([str(sweep), "--out", str(out)])
+    assert "| stl | 2 |" in capsys.readouterr().out
+    assert (out / "summary.md").is_file()
+
+
+def test_cli_on_a_folder_without_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "no run_summary.json below" in capsys.readouterr().err
