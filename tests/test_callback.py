@@ -48,12 +48,36 @@ def test_switch_drops_heads_for_real(tmp_path, recorder):
             assert p not in optimizer.state, f"optimizer still holds state for heads.{task}.{name}"
     # The aux heads stopped changing after the switch: compare with a run stopped right at the switch.
     stopped = toy_model()
-    toy_trainer(tmp_path, [MT2STCallback("switch", switch_at=4)], max_steps=4).fit(stopped, toy_loader())
+    # (the same 4 steps as multi-task training: a switch at a run's very end would be refused)
+    toy_trainer(tmp_path, [MT2STCallback("mtl")], max_steps=4).fit(stopped, toy_loader())
     for task in AUX:
         for (name, p), (_, q) in zip(model.heads[task].named_parameters(), stopped.heads[task].named_parameters()):
             assert torch.equal(p, q), f"heads.{task}.{name} changed after the switch"
     # The primary head and the encoder kept training.
     assert not torch.equal(model.heads["label"][0].weight, stopped.heads["label"][0].weight)
+
+
+def test_release_heads_frees_their_weights_and_changes_nothing_else(tmp_path):
+    kept = StepRecorder()
+    _, kept_model = fit(tmp_path / "kept", MT2STCallback("switch", switch_at=4), kept)
+    released = StepRecorder()
+    _, model = fit(tmp_path / "released", MT2STCallback("switch", switch_at=4, release_heads=True), released)
+    for got, want in zip(released.rows, kept.rows, strict=True):
+        assert torch.equal(got["total"], want["total"]), f"step {want['step']}"
+    for task in AUX:
+        assert all(p.numel() == 0 for p in model.heads[task].parameters())
+    single_task = sum(p.numel() for p in (*model.encoder.parameters(), *model.heads["label"].parameters()))
+    assert sum(p.numel() for p in model.parameters()) == single_task
+    # A module released by a checkpoint loads through Lightning: the heads are released before loading.
+    trainer = toy_trainer(tmp_path, [], max_steps=1)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "released.ckpt")
+    from mt2st_lightning.models import MLPEncoder
+
+    loaded = type(model).load_from_checkpoint(tmp_path / "released.ckpt", encoder=MLPEncoder(in_features=16, hidden=32))
+    assert loaded.dropped_tasks == frozenset(AUX)
+    for (name, p), (_, q) in zip(loaded.named_parameters(), model.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
 
 
 def test_switch_fraction_of_run(tmp_path):

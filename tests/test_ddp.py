@@ -24,7 +24,9 @@ def run_ddp(out: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "args", [("switch", "switch_at=5"), ("gradnorm", "switch_at=7", "adapt_every=2")], ids=["switch", "gradnorm"]
+    "args",
+    [("switch", "switch_at=5"), ("gradnorm", "switch_at=7", "adapt_every=2"), ("switch", "switch_at=5", "release_heads=true")],
+    ids=["switch", "gradnorm", "switch-released"],
 )
 def test_ddp_switch_mid_run_keeps_ranks_identical(tmp_path, args):
     result = run_ddp(tmp_path, *args)
@@ -39,6 +41,8 @@ def test_ddp_switch_mid_run_keeps_ranks_identical(tmp_path, args):
         assert state["trainable"] == 8
     for name, p in ranks[0]["params"].items():
         assert torch.equal(p, ranks[1]["params"][name]), f"{name} differs between ranks"
+        if "release_heads=true" in args and name.startswith(("heads.recon", "heads.parity")):
+            assert p.numel() == 0, f"{name} was not released"
 
 
 @pytest.mark.slow

@@ -114,10 +114,26 @@ def test_checkpoint_hooks_remember_dropped_tasks():
     model.drop_task("parity")
     checkpoint: dict = {}
     model.on_save_checkpoint(checkpoint)
-    assert checkpoint["mt2st"] == {"primary_task": "label", "dropped_tasks": ["parity"]}
+    assert checkpoint["mt2st"] == {"primary_task": "label", "dropped_tasks": ["parity"], "released_tasks": []}
     fresh = toy_model()
     fresh.on_load_checkpoint(checkpoint)
     assert fresh.active_tasks == ("label", "recon")
+    assert all(p.numel() > 0 for p in fresh.heads["parity"].parameters())  # dropped, not released
+
+
+def test_released_task_is_released_again_on_load():
+    model = toy_model()
+    model.drop_task("parity", release=True)
+    assert all(p.numel() == 0 and not p.requires_grad for p in model.heads["parity"].parameters())
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    assert checkpoint["mt2st"]["released_tasks"] == ["parity"]
+    fresh = toy_model()
+    fresh.on_load_checkpoint(checkpoint)  # Lightning calls it before loading the weights
+    fresh.load_state_dict(checkpoint["state_dict"])  # strict: the empty tensors match
+    assert fresh.active_tasks == ("label", "recon")
+    assert all(p.numel() == 0 for p in fresh.heads["parity"].parameters())
+    assert fresh.single_task_state_dict().keys() == model.single_task_state_dict().keys()
     other = {"mt2st": {"primary_task": "recon", "dropped_tasks": []}}
     with pytest.raises(ValueError, match="trained with primary task 'recon'"):
         toy_model().on_load_checkpoint(other)

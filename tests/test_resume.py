@@ -10,10 +10,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from mt2st_lightning import MT2STCallback
 from tests.conftest import StepRecorder, toy_loader, toy_model, toy_trainer
 
-STRATEGIES = {
-    "switch": dict(switch_at=0.4),  # 24 steps planned: the heads leave at step 10
-    "diminish": dict(eta=0.25, prune_below=0.1),  # pruned at step 10
-    "gradnorm": dict(switch_at=0.4, adapt_every=3),  # adaptive factors are part of the state
+CALLBACKS = {
+    "switch": dict(strategy="switch", switch_at=0.4),  # 24 steps planned: the heads leave at step 10
+    "diminish": dict(strategy="diminish", eta=0.25, prune_below=0.1),  # pruned at step 10
+    "gradnorm": dict(strategy="gradnorm", switch_at=0.4, adapt_every=3),  # adaptive factors are state too
+    # the checkpoint after the switch stores the heads as empty tensors
+    "switch-released": dict(strategy="switch", switch_at=0.4, release_heads=True),
 }
 
 
@@ -26,9 +28,9 @@ class StopAfterEpoch(pl.Callback):
             trainer.should_stop = True
 
 
-def run(tmp_path, strategy, stop_after=None, resume=None):
+def run(tmp_path, name, stop_after=None, resume=None):
     recorder = StepRecorder()
-    callbacks = [MT2STCallback(strategy, **STRATEGIES[strategy]), recorder, ModelCheckpoint(dirpath=tmp_path, save_last=True)]
+    callbacks = [MT2STCallback(**CALLBACKS[name]), recorder, ModelCheckpoint(dirpath=tmp_path, save_last=True)]
     if stop_after is not None:
         callbacks.append(StopAfterEpoch(stop_after))
     model = toy_model(seed=0)
@@ -38,14 +40,14 @@ def run(tmp_path, strategy, stop_after=None, resume=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("name", list(CALLBACKS))
 @pytest.mark.parametrize("stop_after", [0, 2], ids=["before-switch", "after-switch"])
-def test_resume_reproduces_uninterrupted_run(tmp_path, strategy, stop_after):
-    full_rows, full_model = run(tmp_path / "full", strategy)
+def test_resume_reproduces_uninterrupted_run(tmp_path, name, stop_after):
+    full_rows, full_model = run(tmp_path / "full", name)
     assert any(len(r["active"]) == 1 for r in full_rows), "the run must cross the switch"
 
-    first_rows, _ = run(tmp_path / "part", strategy, stop_after=stop_after)
-    resumed_rows, resumed_model = run(tmp_path / "resumed", strategy, resume=tmp_path / "part" / "last.ckpt")
+    first_rows, _ = run(tmp_path / "part", name, stop_after=stop_after)
+    resumed_rows, resumed_model = run(tmp_path / "resumed", name, resume=tmp_path / "part" / "last.ckpt")
 
     rows = first_rows + resumed_rows
     assert [r["step"] for r in rows] == [r["step"] for r in full_rows]

@@ -28,7 +28,7 @@ def _normalise(raw: Tensor, budget: float) -> Tensor:
     if not torch.isfinite(total) or total <= 0:
         # Nothing measured yet (or all zero): share the budget equally rather than divide by zero.
         return torch.full_like(raw, budget / raw.numel())
-    return raw * (budget / total)
+    return raw / total * budget  # not raw * (budget / total): that overflows for a tiny total
 
 
 def grad_norm_ratio_weights(
@@ -65,6 +65,9 @@ def squared_grad_norms(losses: Sequence[Tensor], params: Sequence[Tensor], reduc
         raise ValueError("no trainable shared parameters to measure task gradients on")
     out = []
     for loss in losses:
+        if not loss.requires_grad:  # e.g. a constant 0 for a batch with no labels of that task
+            out.append(loss.new_zeros((), dtype=torch.float32))
+            continue
         grads = torch.autograd.grad(loss.float(), params, retain_graph=True, allow_unused=True)
         sq = [g.detach().float().pow(2).sum() for g in grads if g is not None]
         out.append(torch.stack(sq).sum() if sq else loss.new_zeros((), dtype=torch.float32))

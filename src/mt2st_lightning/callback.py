@@ -52,7 +52,10 @@ class MT2STCallback(Callback):
         save_single_task: a file name (relative to the run's log directory) or path: at the end of training,
             if auxiliary heads were dropped, the primary-only model is saved there, loadable with
             ``Model.load_from_checkpoint(path, strict=False)``.
-        log_weights: log ``mt2st/weight/<task>`` and ``mt2st/active_tasks`` every step.
+        log_weights: log ``mt2st/weight/<task>`` and ``mt2st/active_tasks`` on Lightning's logging steps.
+        release_heads: also free a dropped head's weights and buffers, so that the model takes the memory of
+            a single-task model. Its checkpoints then hold the dropped heads as empty tensors; load them
+            through Lightning (``load_from_checkpoint``, ``ckpt_path=``), which releases the heads first.
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class MT2STCallback(Callback):
         on_nonfinite: NonFinitePolicy = "raise",
         save_single_task: str | None = None,
         log_weights: bool = True,
+        release_heads: bool = False,
     ) -> None:
         if strategy is None and schedules is None:
             raise ValueError(f"give MT2STCallback a strategy (one of {', '.join(STRATEGIES)}) or per-task schedules")
@@ -104,6 +108,7 @@ class MT2STCallback(Callback):
         self.on_nonfinite = on_nonfinite
         self.save_single_task = save_single_task
         self.log_weights = log_weights
+        self.release_heads = release_heads
 
         self.schedules: dict[str, Schedule] = {}
         # State (saved in checkpoints).
@@ -116,6 +121,7 @@ class MT2STCallback(Callback):
         self._measured_time: int | None = None
         self._skip_update = False
         self._restored = False
+        self.measuring = False
 
     @property
     def state_key(self) -> str:
@@ -186,18 +192,24 @@ class MT2STCallback(Callback):
             if finished:
                 self._drop(trainer, module, finished, t)
             aux = module.active_tasks[1:]
+            # Tells the cost meter that this step carries the adaptive measurement (extra backward passes).
+            self.measuring = self.is_adaptive and bool(aux) and t % self.adapt_every == 0
             default = self.budget / len(aux) if self.is_adaptive and aux else 1.0
             module.task_weights = {
                 task: self.schedules[task](t, self.total) * self._factors.get(task, default) for task in aux
             }
-        if self.log_weights:
+        if self.log_weights and trainer.loggers and trainer._logger_connector.should_update_logs:
+            # Straight to the loggers, on logging steps only (as LearningRateMonitor does): `self.log` costs
+            # ~2 ms a step here, since Lightning re-processes every key logged so far in the epoch.
             weights = module.task_weights
             metrics = {f"mt2st/weight/{task}": weights.get(task, 0.0) for task in module.auxiliary_tasks}
             metrics["mt2st/active_tasks"] = float(len(weights))
-            pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
 
     def _drop(self, trainer: pl.Trainer, module: MT2STMixin, tasks: list[str], t: int) -> None:
-        params = {id(p): p for task in tasks for p in module.drop_task(task)}
+        params = {id(p): p for task in tasks for p in module.drop_task(task, release=self.release_heads)}
         for optimizer in trainer.optimizers:
             for p in params.values():
                 optimizer.state.pop(p, None)
@@ -217,14 +229,14 @@ class MT2STCallback(Callback):
         if losses is None:
             return
         if self.on_nonfinite != "off":
-            self._check_finite(trainer, losses)
+            self._check_finite(trainer, loss, losses)
         if self.is_adaptive and self._measured_time != self._last_time and self._last_time % self.adapt_every == 0:
             self._measured_time = self._last_time
             self._measure(trainer, module, losses)
 
-    def _check_finite(self, trainer: pl.Trainer, losses: Mapping[str, Tensor]) -> None:
-        stacked = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
-        local_ok = bool(stacked.isfinite().all())
+    def _check_finite(self, trainer: pl.Trainer, loss: Tensor, losses: Mapping[str, Tensor]) -> None:
+        # A non-finite task loss makes the weighted total non-finite (0 * inf is nan): one check, one sync.
+        local_ok = math.isfinite(loss.detach().float().sum().item())
         # Each rank sees its own batch; all of them must take the same decision.
         all_ok = trainer.strategy.reduce_boolean_decision(local_ok, all=True)
         if all_ok:
@@ -256,7 +268,13 @@ class MT2STCallback(Callback):
         else:
             tasks = [module.primary_task, *aux]
             shared = list(module.shared_parameters())
-            sq = adaptive.squared_grad_norms([losses[t] for t in tasks], shared, reduce)
+            # Under fp16 autocast, small task gradients underflow unless the loss is scaled, as the
+            # training backward is: measure with the GradScaler's scale and divide it out again.
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+            sq = adaptive.squared_grad_norms([losses[t] * scale for t in tasks], shared, reduce) / scale**2
+            if not bool(torch.isfinite(sq).all()):
+                return  # the scaled gradients overflowed: skip this measurement, as GradScaler skips the step
             for task, v in zip(tasks, sq):
                 self._stats[f"sqnorm/{task}"] = adaptive.ema(self._stats.get(f"sqnorm/{task}"), v, self.adapt_decay)
             smoothed = torch.stack([self._stats[f"sqnorm/{t}"] for t in tasks])

@@ -16,6 +16,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch.utils.flop_counter import FlopCounterMode
 
+from mt2st_lightning.callback import MT2STCallback
+
 __all__ = ["PhaseCostMeter", "count_flops"]
 
 
@@ -26,9 +28,13 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def _phase_of(pl_module: pl.LightningModule) -> str:
+def _phase_of(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
     tasks = getattr(pl_module, "active_tasks", None)
-    return "+".join(tasks) if tasks else "all"
+    phase = "+".join(tasks) if tasks else "all"
+    # An adaptive strategy's measuring step runs extra backward passes: a phase of its own.
+    if any(c.measuring for c in trainer.callbacks if isinstance(c, MT2STCallback)):
+        phase += "/measuring"
+    return phase
 
 
 class PhaseCostMeter(Callback):
@@ -52,15 +58,16 @@ class PhaseCostMeter(Callback):
         self._t0 = 0.0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        names = [type(c).__name__ for c in trainer.callbacks]
-        if "MT2STCallback" in names and names.index("MT2STCallback") > names.index(type(self).__name__):
+        position = {id(c): i for i, c in enumerate(trainer.callbacks)}
+        schedulers = [position[id(c)] for c in trainer.callbacks if isinstance(c, MT2STCallback)]
+        if schedulers and max(schedulers) > position[id(self)]:
             raise ValueError(
                 "PhaseCostMeter must come after MT2STCallback in Trainer(callbacks=[...]): it reads the phase "
                 "(the active tasks) that MT2STCallback sets at the start of each batch"
             )
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._phase = _phase_of(pl_module)
+        self._phase = _phase_of(trainer, pl_module)
         if self._phase not in self.flops_per_batch:
             self._counter = FlopCounterMode(display=False)
             self._counter.__enter__()

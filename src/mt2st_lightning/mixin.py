@@ -56,8 +56,12 @@ class MT2STMixin:
         self.__dict__["_mt2st_primary"] = primary
         self.__dict__["_mt2st_heads"] = dict(heads)
         self.__dict__["_mt2st_dropped"] = set()
+        self.__dict__["_mt2st_released"] = set()
         self.__dict__["_mt2st_weights"] = {task: 1.0 for task in heads}
         self.__dict__["_mt2st_last_losses"] = None
+        # Read several times a step: kept as tuples, recomputed only when a head is dropped.
+        self.__dict__["_mt2st_tasks"] = (primary, *(t for t in heads if t != primary))
+        self.__dict__["_mt2st_active"] = self.__dict__["_mt2st_tasks"]
 
     # ---------------------------------------------------------------- what the module and the callback read
     def _require_declared(self) -> None:
@@ -76,8 +80,7 @@ class MT2STMixin:
     def tasks(self) -> tuple[str, ...]:
         """All declared tasks, primary first."""
         self._require_declared()
-        primary = self.__dict__["_mt2st_primary"]
-        return (primary, *(t for t in self.__dict__["_mt2st_heads"] if t != primary))
+        return self.__dict__["_mt2st_tasks"]
 
     @property
     def auxiliary_tasks(self) -> tuple[str, ...]:
@@ -86,8 +89,8 @@ class MT2STMixin:
     @property
     def active_tasks(self) -> tuple[str, ...]:
         """The tasks whose heads still run: the primary and every auxiliary task not dropped."""
-        dropped = self.__dict__["_mt2st_dropped"] if "_mt2st_heads" in self.__dict__ else ()
-        return tuple(t for t in self.tasks if t not in dropped)
+        self._require_declared()
+        return self.__dict__["_mt2st_active"]
 
     @property
     def dropped_tasks(self) -> frozenset[str]:
@@ -156,8 +159,12 @@ class MT2STMixin:
         return total
 
     # ---------------------------------------------------------------- dropping a head
-    def drop_task(self, task: str) -> list[nn.Parameter]:
+    def drop_task(self, task: str, release: bool = False) -> list[nn.Parameter]:
         """Take an auxiliary head out of the computation for good: freeze it and free its gradients.
+
+        With ``release``, the head's weights and buffers are freed too (replaced by empty tensors), so that
+        the module holds what a single-task model holds; checkpoints then store the head as empty tensors,
+        and ``on_load_checkpoint`` releases it again before the weights are loaded.
 
         Returns the head's parameters so that the caller can free their optimizer state. Called by
         ``MT2STCallback``; the module itself never decides to drop.
@@ -172,7 +179,14 @@ class MT2STMixin:
             p.requires_grad_(False)
             p.grad = None
         self.__dict__["_mt2st_dropped"].add(task)
+        self.__dict__["_mt2st_active"] = tuple(t for t in self.tasks if t not in self.__dict__["_mt2st_dropped"])
         self.__dict__["_mt2st_weights"][task] = 0.0
+        if release:
+            head = self.__dict__["_mt2st_heads"][task]
+            for tensor in (*params, *head.buffers()):
+                # `.data` swaps the storage and keeps the Parameter object, which optimizers still reference.
+                tensor.data = tensor.data.new_empty(0)
+            self.__dict__["_mt2st_released"].add(task)
         return params
 
     def single_task_state_dict(self) -> dict[str, Tensor]:
@@ -185,7 +199,11 @@ class MT2STMixin:
 
     # ---------------------------------------------------------------- checkpoints (LightningModule hooks)
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[_CHECKPOINT_KEY] = {"primary_task": self.primary_task, "dropped_tasks": sorted(self.dropped_tasks)}
+        checkpoint[_CHECKPOINT_KEY] = {
+            "primary_task": self.primary_task,
+            "dropped_tasks": sorted(self.dropped_tasks),
+            "released_tasks": sorted(self.__dict__["_mt2st_released"]),
+        }
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -197,8 +215,10 @@ class MT2STMixin:
                     f"checkpoint was trained with primary task {state['primary_task']!r}, "
                     f"this module declares {self.primary_task!r}"
                 )
+            released = set(state.get("released_tasks", ()))
             for task in state["dropped_tasks"]:
-                self.drop_task(task)
+                # Before the weights are loaded: a released head is stored as empty tensors.
+                self.drop_task(task, release=task in released)
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
 
 

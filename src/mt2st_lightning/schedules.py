@@ -102,7 +102,13 @@ class Diminish(Schedule):
                 raise ValueError("Diminish.prune_below must be > 0, or None to never prune")
 
     def _raw(self, t: float) -> float:
-        return self.gamma0 * math.exp(-self.eta * float(t) ** self.nu)
+        if self.eta == 0:
+            return float(self.gamma0)
+        try:
+            exponent = self.eta * float(t) ** self.nu
+        except OverflowError:  # t ** nu beyond the float range: exp(-huge) underflows to 0
+            return 0.0
+        return self.gamma0 * math.exp(-exponent)
 
     def __call__(self, t: float, total: float | None = None) -> float:
         return 0.0 if self.finished(t, total) else self._raw(t)
@@ -120,7 +126,10 @@ class Diminish(Schedule):
             return 0.0
         if self.eta == 0:
             return None
-        return (math.log(self.gamma0 / self.prune_below) / self.eta) ** (1.0 / self.nu)
+        try:
+            return (math.log(self.gamma0 / self.prune_below) / self.eta) ** (1.0 / self.nu)
+        except OverflowError:  # the crossing lies beyond the float range
+            return math.inf
 
 
 @dataclass(frozen=True)
@@ -165,9 +174,11 @@ class Switch(Schedule):
 
     def validate(self, total: float | None) -> None:
         at = self.switch_time(total)
-        if total is not None and math.isfinite(total) and at > total:
+        # Time runs from 0 to total - 1, so a switch at `total` would never happen either.
+        if total is not None and math.isfinite(total) and at >= total:
+            where = "beyond" if at > total else "at"
             raise ValueError(
-                f"the switch point {at} lies beyond the run's end ({int(total)}): the auxiliary tasks would "
+                f"the switch point {at} lies {where} the run's end ({int(total)}): the auxiliary tasks would "
                 "never be dropped; lower switch_at or use strategy='mtl'"
             )
 

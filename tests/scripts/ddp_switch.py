@@ -17,6 +17,12 @@ from mt2st_lightning import MT2STCallback  # noqa: E402
 from tests.conftest import toy_loader, toy_model  # noqa: E402
 
 
+def _value(text: str) -> bool | int | float:
+    if text in ("true", "false"):
+        return text == "true"
+    return float(text) if "." in text else int(text)
+
+
 def main() -> None:
     args = [a for a in sys.argv[1:] if a != "--no-rebuild"]
     if "--no-rebuild" in sys.argv:
@@ -24,7 +30,7 @@ def main() -> None:
 
         mt2st_lightning.callback._rebuild_ddp_reducer = lambda strategy: None
     out, strategy = Path(args[0]), args[1]
-    kwargs = {k: (float(v) if "." in v else int(v)) for k, v in (a.split("=") for a in args[2:])}
+    kwargs = {k: _value(v) for k, v in (a.split("=") for a in args[2:])}
     callback = MT2STCallback(strategy, **kwargs)
     model = toy_model(seed=0)
     trainer = pl.Trainer(

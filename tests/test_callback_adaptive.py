@@ -1,0 +1,115 @@
+"""The adaptive strategies through the callback: the weights in force are the measured factors (eqs. 13-15)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import lightning.pytorch as pl
+from torch.testing import assert_close
+
+from mt2st_lightning import MT2STCallback
+from mt2st_lightning.adaptive import (
+    ema,
+    fisher_trace_weights,
+    grad_norm_ratio_weights,
+    inverse_variance_weights,
+)
+from tests.conftest import TASKS, toy_loader, toy_model, toy_trainer
+
+AUX = ("recon", "parity")
+
+
+class Oracle(pl.Callback):
+    """Records the weights in force and, independently of the callback, each task's squared gradient norm
+    on the shared encoder and each task's loss."""
+
+    def __init__(self) -> None:
+        self.weights: list[dict[str, float]] = []
+        self.sq: list[dict[str, float]] = []
+        self.losses: list[dict[str, float]] = []
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.weights.append(dict(pl_module.task_weights))
+        shared = [p for p in pl_module.encoder.parameters()]
+        sq, values = {}, {}
+        for task, value in pl_module.last_task_losses.items():
+            grads = torch.autograd.grad(value, shared, retain_graph=True, allow_unused=True)
+            sq[task] = sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
+            values[task] = float(value.detach())
+        self.sq.append(sq)
+        self.losses.append(values)
+
+
+def run(tmp_path, strategy, max_steps=8, **kwargs):
+    oracle = Oracle()
+    callback = MT2STCallback(strategy, adapt_every=1, **kwargs)
+    trainer = toy_trainer(tmp_path, [callback, oracle], max_steps=max_steps, max_epochs=None)
+    model = toy_model()
+    trainer.fit(model, toy_loader())
+    return oracle, callback, model
+
+
+def _aux(weights: dict[str, float]) -> torch.Tensor:
+    return torch.tensor([weights[t] for t in AUX], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("strategy", ["gradnorm", "fisher"])
+def test_gradient_strategies_apply_last_steps_measurement(tmp_path, strategy):
+    oracle, _, _ = run(tmp_path, strategy, adapt_decay=0.0, budget=2.0)
+    # Before anything is measured the budget is shared equally.
+    assert_close(_aux(oracle.weights[0]), torch.tensor([1.0, 1.0], dtype=torch.float64))
+    for step in range(1, len(oracle.weights)):
+        sq = oracle.sq[step - 1]  # measured on the previous step, applied from this one on
+        aux_sq = torch.tensor([sq[t] for t in AUX], dtype=torch.float64)
+        if strategy == "fisher":
+            expected = fisher_trace_weights(aux_sq, 2.0)
+        else:
+            expected = grad_norm_ratio_weights(torch.tensor(sq["label"], dtype=torch.float64), aux_sq, 2.0)
+        assert_close(_aux(oracle.weights[step]), expected, rtol=1e-4, atol=1e-6)
+        assert sum(oracle.weights[step][t] for t in AUX) == pytest.approx(2.0, rel=1e-6)
+        assert oracle.weights[step]["label"] == 1.0
+    # The measured factors are not the equal split: the test would pass vacuously otherwise.
+    assert abs(oracle.weights[-1]["recon"] - oracle.weights[-1]["parity"]) > 1e-3
+
+
+def test_noise_strategy_weighs_by_inverse_loss_variance(tmp_path):
+    decay = 0.5
+    oracle, _, _ = run(tmp_path, "noise", adapt_decay=decay)
+    mean = sq = None
+    for step in range(1, len(oracle.weights)):
+        v = torch.tensor([oracle.losses[step - 1][t] for t in AUX], dtype=torch.float64)
+        mean, sq = ema(mean, v, decay), ema(sq, v * v, decay)
+        expected = inverse_variance_weights(sq - mean**2, 1.0)
+        assert_close(_aux(oracle.weights[step]), expected, rtol=1e-3, atol=1e-6)
+
+
+def test_adaptive_envelope_switches_and_drops(tmp_path):
+    oracle, callback, model = run(tmp_path, "fisher", switch_at=4)
+    assert model.active_tasks == ("label",)
+    assert callback.drop_times == {"recon": 4, "parity": 4}
+    assert all(w == {"label": 1.0} for w in oracle.weights[4:])
+    assert all(set(w) == {"label", *AUX} for w in oracle.weights[:4])
+
+
+class TinyAuxLoss(type(toy_model())):
+    """An auxiliary loss so small that its fp16 gradients underflow to 0 unless the loss is scaled."""
+
+    def task_loss(self, task, output, target):
+        loss = super().task_loss(task, output, target)
+        return loss * 1e-7 if task == "parity" else loss
+
+
+@pytest.mark.slow
+def test_fp16_measurement_uses_the_loss_scale(tmp_path):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    pl.seed_everything(0)
+    from mt2st_lightning.models import MLPEncoder
+
+    model = TinyAuxLoss(MLPEncoder(in_features=16, hidden=32, depth=2), TASKS, primary="label", head_hidden=8)
+    callback = MT2STCallback("fisher", adapt_every=1)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))
+    trainer = toy_trainer(tmp_path, [callback], max_steps=3, max_epochs=None, plugins=[plugin])
+    trainer.fit(model, toy_loader())
+    parity = callback.state_dict()["stats"]["sqnorm/parity"]
+    assert torch.isfinite(parity) and parity > 0
