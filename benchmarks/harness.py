@@ -22,6 +22,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers.logger import DummyLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
@@ -32,7 +33,6 @@ from mt2st_lightning.data import DigitsDataModule
 from mt2st_lightning.models import MultiTaskModel
 
 from variants import ModelSpec, Variant, resolve_callback
-import patches
 
 PRIMARY = "digit"
 
@@ -351,7 +351,8 @@ class Probe:
 # ============================================================================== memory held by training state
 def training_state_bytes(module: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, int]:
     """Bytes of the storages behind parameters, existing ``.grad`` tensors, optimizer state tensors and buffers,
-    each storage counted once (by device and data pointer)."""
+    each storage counted once (by device and data pointer). The storage, not ``numel``: a parameter that
+    ``release_heads`` emptied counts 0, one that shares a storage counts it once."""
     seen: set[tuple[str, int]] = set()
 
     def nbytes(tensors: Iterator[Tensor]) -> int:
@@ -391,7 +392,9 @@ class FitOptions:
 def make_trainer(opts: FitOptions, callbacks: list[Callback], root: str) -> pl.Trainer:
     return pl.Trainer(
         accelerator=opts.accelerator, devices=1, precision=opts.precision, max_steps=opts.steps,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        # A logger that writes nothing: both sides pay Lightning's logging path (every 50 steps, the default)
+        # and MT2STCallback's weight logging runs, without file I/O in the clock.
+        logger=DummyLogger(), enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=root, callbacks=callbacks,
     )
 
@@ -416,7 +419,6 @@ def _prepare(model: ModelSpec, variant: Variant, data: Data, opts: FitOptions, r
     extra: list[Callback] = []
     if variant.module == "mt2st" and variant.with_callback:
         extra.append(MT2STCallback(**resolve_callback(variant, opts.steps)))
-    patches.apply(variant.patches, callback=extra[0] if extra else None, module=module)
     if variant.predrop:
         for task in module.auxiliary_tasks:
             module.drop_task(task)
@@ -427,7 +429,7 @@ def _prepare(model: ModelSpec, variant: Variant, data: Data, opts: FitOptions, r
 
 
 def run_fit(model: ModelSpec, variant: Variant, data: Data, opts: FitOptions, **probe_kwargs: Any) -> StepLog:
-    """One ``Trainer.fit`` of the variant, alone, under its patches (FLOPs, memory, synchronisations)."""
+    """One ``Trainer.fit`` of the variant, alone (FLOPs, memory, synchronisations)."""
     with contextlib.ExitStack() as stack:
         root = stack.enter_context(tempfile.TemporaryDirectory())
         if probe_kwargs.get("sync_from") is not None:

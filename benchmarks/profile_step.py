@@ -41,7 +41,7 @@ def per_step(model: V.ModelSpec, variant: V.Variant, data: harness.Data, steps: 
 
 
 def main() -> None:
-    rows = {v.name: v for v in V.VARIANTS + V.PATCHED_VARIANTS}
+    rows = V.by_name(V.VARIANTS)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mlp", choices=list(V.MODELS))
     ap.add_argument("--row", default="switch, post-switch", help=f"one of {list(rows)}")

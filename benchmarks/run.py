@@ -28,11 +28,11 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
 import harness  # noqa: E402
-import patches  # noqa: E402
 import variants as V  # noqa: E402
 
 RESULTS = HERE / "RESULTS.md"
 MEASURE_STEPS = 9  # FLOP/memory fits: steps 0..8 cover every phase (switch at 3, last prune at 7)
+NO_ARITHMETIC = {*V.QUIET, "release_heads"}  # callback settings that change no FLOP of a step
 
 
 # ============================================================================== settings
@@ -44,7 +44,6 @@ class Settings:
     warmup: int  # steps not timed at the start of each fit (the switch and the pruning happen in them)
     round_len: int  # a "round": this many consecutive lockstep cycles; the spread is over rounds
     threads: int
-    with_patches: bool
     quick: bool
     clock: str = "cpu"  # "cpu": the fit thread's CPU time (time.thread_time); "wall": time.perf_counter
     variant_filter: list[str] = field(default_factory=list)
@@ -64,7 +63,6 @@ def parse() -> tuple[Settings, argparse.Namespace]:
     ap.add_argument("--timed", type=int, default=None, help="timed steps per fit and session (105; quick 16)")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    ap.add_argument("--no-patches", action="store_true", help="skip the rows that measure proposed library fixes")
     ap.add_argument("--out", default=None, help="Markdown file to update (default: benchmarks/RESULTS.md for a"
                     " full run, nothing for --quick)")
     ap.add_argument("--dump", default=None, help="also write every timed step's times (JSON) to this file")
@@ -79,7 +77,6 @@ def parse() -> tuple[Settings, argparse.Namespace]:
         warmup=a.warmup or (8 if quick else 10),
         round_len=8 if quick else 21,
         threads=a.threads,
-        with_patches=not a.no_patches,
         quick=quick,
         variant_filter=[v for v in a.variants.split(",") if v],
     )
@@ -92,8 +89,7 @@ def parse() -> tuple[Settings, argparse.Namespace]:
 
 
 def select(s: Settings, gpu: bool, model: str) -> list[V.Variant]:
-    rows = list(V.VARIANTS) + (list(V.PATCHED_VARIANTS) if s.with_patches and not gpu else [])
-    rows = [v for v in rows if v.models is None or model in v.models]
+    rows = [v for v in V.VARIANTS if v.models is None or model in v.models]
     if gpu:
         rows = [v for v in rows if v.gpu]
     if s.variant_filter:
@@ -146,6 +142,7 @@ class ModelResult:
     syncs: dict[str, float] = field(default_factory=dict)
     params: int = 0
     encoder_params: int = 0
+    aux_heads: int = 0  # auxiliary heads of the multi-task model
 
 
 def measure_model(name: str, s: Settings, rows: list[V.Variant], opts: harness.FitOptions, log) -> ModelResult:
@@ -157,7 +154,7 @@ def measure_model(name: str, s: Settings, rows: list[V.Variant], opts: harness.F
     probe_opts = replace(opts, steps=MEASURE_STEPS, compile_encoder=False)
 
     # FLOPs of every step of a short fit (not timed): the phases, and the adaptive measurement step (step 0).
-    # Rows that differ only in logging, the non-finite check or time-only patches share one FLOP probe.
+    # Rows that differ only in logging, the non-finite check or releasing dropped heads share one FLOP probe.
     t0 = time.perf_counter()
     probed: dict[tuple, harness.StepLog] = {}
     for v in rows:
@@ -173,9 +170,10 @@ def measure_model(name: str, s: Settings, rows: list[V.Variant], opts: harness.F
     # Memory: the training state once the last head is gone; on a GPU also the peak, and the synchronisations
     # of every row (those depend on logging and on the non-finite check, so every row gets its own fit).
     extra = MEASURE_STEPS + 4
-    for v in rows + (list(V.MEMORY_ONLY) if s.with_patches and not s.variant_filter else []):
+    for v in rows:
+        # The baselines and the callback's post-switch rows; a quiet row holds what its loud twin holds.
         in_memory_table = v.module != "mt2st" and v.baseline is None or (
-            v.module == "mt2st" and v.with_callback and v.phase == "post" and not v.patches_for_time and not set(v.callback) & set(V.QUIET))
+            v.module == "mt2st" and v.with_callback and v.phase == "post" and not set(v.callback) & set(V.QUIET))
         if not (in_memory_table or gpu):
             continue
         kw: dict = dict(measure_state_at=extra - 1)
@@ -209,16 +207,17 @@ def measure_model(name: str, s: Settings, rows: list[V.Variant], opts: harness.F
                 res.logs.setdefault(base.name, []).append(logs[base_key])
         log(f"  {name}: lockstep session {k + 1}/{s.sessions}, {len(slots)} fits x {s.steps} steps, "
             f"{time.perf_counter() - t0:.1f}s")
-    assert set(by) <= set(res.logs), sorted(set(by) - set(res.logs))
-    module = harness.build_module(spec, V.VARIANTS[1], data, 0)
+    module = harness.build_module(spec, by["plain multi-task"], data, 0)
     res.params = sum(p.numel() for p in module.parameters())
     res.encoder_params = sum(p.numel() for p in module.encoder.parameters())
+    res.aux_heads = len(module.aux)
     return res
 
 
 def flop_key(v: V.Variant) -> tuple:
-    """Rows with equal keys do the same arithmetic: logging, the non-finite check and the patches add none."""
-    cb = {k: val for k, val in V.resolve_callback(v, 10**6).items() if k not in V.QUIET}
+    """Rows with equal keys do the same arithmetic: logging, the non-finite check and releasing the dropped heads'
+    storage add none."""
+    cb = {k: val for k, val in V.resolve_callback(v, 10**6).items() if k not in NO_ARITHMETIC}
     return v.module, repr(sorted(cb.items())), v.with_callback, v.predrop
 
 
@@ -256,6 +255,8 @@ def ratio(res: ModelResult, v: V.Variant, s: Settings) -> Ratio:
         aux = log.active_aux[s.warmup : s.warmup + s.timed]
         if v.phase == "post" and any(aux):
             raise AssertionError(f"{v.name}: an auxiliary head ran in a timed step ({aux})")
+        if v.phase == "pre" and min(aux) < res.aux_heads:
+            raise AssertionError(f"{v.name}: an auxiliary head was dropped before a timed step ({aux})")
     med = statistics.median
 
     def paired(kind: str = "iteration", clock: str | None = None) -> list[float]:
@@ -389,7 +390,6 @@ def models_table(results: list[ModelResult]) -> list[str]:
 def report(results: list[ModelResult], rows: list[V.Variant], s: Settings, env: dict[str, str], gpu: bool,
            wall: float) -> str:
     title = "GPU (bf16-mixed, torch.compile on the encoder)" if gpu else "CPU"
-    used = sorted({p for v in rows for p in v.patches} | ({"release-dropped-heads"} if s.with_patches else set()))
     lines = [
         f"### {title}: {env['date']}, {'quick smoke run' if s.quick else 'full run'}",
         "",
@@ -399,7 +399,7 @@ def report(results: list[ModelResult], rows: list[V.Variant], s: Settings, env: 
         f"- torch {env['torch']}, lightning {env['lightning']}, Python {env['python']}; commit {env['commit']}",
         f"- {env['threads']}; {s.sessions} lockstep session(s) per model x {s.timed} timed steps per fit after "
         f"{s.warmup} warm-up steps = {s.sessions * s.timed} timed steps per row; whole run {wall:.0f} s",
-        "- **How**: every row and every baseline is a real `Trainer.fit` (AdamW, logger=False, no progress bar, "
+        "- **How**: every row and every baseline is a real `Trainer.fit` (AdamW, a `DummyLogger` (Lightning's logging path every 50 steps, no file I/O), no progress bar, "
         "no checkpointing, no validation). All fits of a model run in one process, in *lockstep*: one thread "
         "per fit, and a baton lets exactly one fit run one training step at a time; each row is paired with "
         "its own copy of its baseline, and the order of the pairs and which of the two goes first are drawn "
@@ -438,7 +438,7 @@ def report(results: list[ModelResult], rows: list[V.Variant], s: Settings, env: 
         lines += ["| model | row | syncs/step | plain baseline | added |", "|---|---|---|---|---|"]
         for res in results:
             for name, n in res.syncs.items():
-                v = next((r for r in rows + V.MEMORY_ONLY if r.name == name), None)
+                v = next((r for r in rows if r.name == name), None)
                 if v is None or v.baseline is None:
                     continue
                 b = res.syncs.get(v.baseline, float("nan"))
@@ -456,6 +456,9 @@ def report(results: list[ModelResult], rows: list[V.Variant], s: Settings, env: 
          "module buffers, each storage counted once. Not measured: activations and allocator caches (peak RSS "
          "is not a reliable measure on CPU, so none is given)."),
         "",
+        "A dropped head's gradients and optimizer state are freed; its frozen weights stay in memory unless the "
+        "callback has `release_heads=True` (the `release_heads` rows).",
+        "",
         *memory_table(results, rows, gpu),
         "",
         "#### 5 and 6. FLOPs per step by phase (count of FlopCounterMode over one real training step: forward + "
@@ -466,12 +469,6 @@ def report(results: list[ModelResult], rows: list[V.Variant], s: Settings, env: 
         *phase_table(results),
         "",
     ]
-    if used:
-        lines += ["#### Proposed library fixes, measured by patching one row's own callback/module instance in this "
-                  "process (rows marked +name above; the diffs are in benchmarks/patches.py)", ""]
-        for name in used:
-            first = patches.describe(name).split("\n\n")[0].split("::")[0]
-            lines += [f"- **{name}**: " + " ".join(first.split())]
     return "\n".join(lines)
 
 

@@ -46,6 +46,7 @@ SWITCH_AT = 3  # optimizer step of the switch: the "post" variants time only ste
 # Diminish with pruning, staggered: exp(-eta t) < 0.05 from t = 3, 5 and 7 on; every head is gone at step 7.
 PRUNE = dict(gamma0=1.0, eta={"recon": 1.2, "edges": 0.7, "moments": 0.45}, nu=1.0, prune_below=0.05)
 QUIET = dict(log_weights=False, on_nonfinite="off")
+QUIET_ABOUT = "log_weights=False (a no-op here: the fits have no logger), on_nonfinite='off'"
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,8 @@ class Variant:
         and ``"plain-mtl"`` are hand-written LightningModules (encoder + primary head, or all heads with fixed
         weights 1), with no mixin and no callback.
     baseline: the variant it is divided by (``None``: a baseline itself).
-    phase: ``"post"`` asserts that no auxiliary head ran in any timed step (after the switch or the pruning).
-    patches: names from ``patches.PATCHES``, monkeypatched into the library for this variant's fits only:
-        how a proposed library fix is measured without editing ``src/``.
+    phase: ``"post"`` asserts that no auxiliary head ran in any timed step (after the switch or the pruning),
+        ``"pre"`` that every auxiliary head ran in every timed step.
     models: the model sizes the row runs on (``None``: all of them).
     with_callback: ``False`` runs the ``"mt2st"`` module without ``MT2STCallback`` (an ablation row).
     predrop: drop every auxiliary head before the fit (``MT2STMixin.drop_task``), as the callback would.
@@ -71,7 +71,6 @@ class Variant:
     baseline: str | None = None
     callback: Mapping[str, Any] = field(default_factory=dict)
     phase: Phase = "pre"
-    patches: tuple[str, ...] = ()
     target: float | None = 1.02
     section: str = ""
     about: str = ""
@@ -80,10 +79,6 @@ class Variant:
     with_callback: bool = True
     predrop: bool = False
     empty_callback: bool = False
-
-    @property
-    def patches_for_time(self) -> tuple[str, ...]:
-        return tuple(p for p in self.patches if p != "release-dropped-heads")
 
 
 VARIANTS: list[Variant] = [
@@ -98,20 +93,33 @@ VARIANTS: list[Variant] = [
     # --- 1. after the switch vs. the single-task model
     Variant("switch, post-switch", "mt2st", "plain single-task", dict(strategy="switch", switch_at=SWITCH_AT),
             phase="post", section="post", about="defaults: log_weights=True, on_nonfinite='raise'"),
+    Variant("switch, post-switch, release_heads", "mt2st", "plain single-task",
+            dict(strategy="switch", switch_at=SWITCH_AT, release_heads=True), phase="post", section="post",
+            about="the dropped heads' weights freed"),
     Variant("switch, post-switch, quiet", "mt2st", "plain single-task",
             dict(strategy="switch", switch_at=SWITCH_AT, **QUIET), phase="post", section="post",
-            about="log_weights=False, on_nonfinite='off'", models=("mlp",)),
+            about=QUIET_ABOUT, models=("mlp",)),
     Variant("stl", "mt2st", "plain single-task", dict(strategy="stl"), phase="post", section="post",
-            about="heads dropped at step 0: no auxiliary loss ever logged", models=("mlp", "cnn")),
+            about="heads dropped at step 0", models=("mlp", "cnn")),
     # --- 6. Diminish with pruning, once every auxiliary weight is below prune_below
     Variant("diminish+prune, all pruned", "mt2st", "plain single-task", dict(strategy="diminish", **PRUNE),
             phase="post", section="post", about="staggered pruning at steps 3/5/7"),
+    Variant("diminish+prune, all pruned, release_heads", "mt2st", "plain single-task",
+            dict(strategy="diminish", **PRUNE, release_heads=True), phase="post", section="post",
+            about="the pruned heads' weights freed"),
+    # --- ablations: where the post-switch cost comes from (the smallest model shows a fixed per-step cost best)
+    Variant("ablation: plain single-task + an empty callback", "plain-stl", "plain single-task", phase="post",
+            section="post", empty_callback=True, target=None, models=("mlp",), gpu=False,
+            about="Lightning's per-hook dispatch of one more callback"),
+    Variant("ablation: MultiTaskModel, heads dropped before fit, no callback", "mt2st", "plain single-task",
+            phase="post", section="post", with_callback=False, predrop=True, target=None, models=("mlp",),
+            gpu=False, about="the mixin and MultiTaskModel's step, without the callback"),
     # --- 2. before the switch vs. the hand-written multi-task step
     Variant("mtl", "mt2st", "plain multi-task", dict(strategy="mtl"), section="pre"),
-    Variant("switch, pre-switch", "mt2st", "plain multi-task", dict(strategy="switch", switch_at="end"),
-            section="pre", about="switch_at = the run's last step"),
+    Variant("switch, pre-switch", "mt2st", "plain multi-task", dict(strategy="switch", switch_at="last"),
+            section="pre", about="switch at the fit's last step, which is not timed"),
     Variant("switch, pre-switch, quiet", "mt2st", "plain multi-task",
-            dict(strategy="switch", switch_at="end", **QUIET), section="pre", models=("mlp",)),
+            dict(strategy="switch", switch_at="last", **QUIET), section="pre", about=QUIET_ABOUT, models=("mlp",)),
     Variant("diminish", "mt2st", "plain multi-task", dict(strategy="diminish", eta=0.001), section="pre",
             about="weights change every step, no pruning"),
     Variant("gradnorm", "mt2st", "plain multi-task", dict(strategy="gradnorm"), section="pre", target=None,
@@ -122,49 +130,13 @@ VARIANTS: list[Variant] = [
             about="adapt_every=10: loss statistics only", gpu=False),
 ]
 
-# Rows that measure proposed library fixes (see patches.py), against the same baseline as the unpatched row. They
-# run on the smallest model, where a fixed per-step cost shows most (the two "+all fixes" switch rows on every
-# model); ``run.py --no-patches`` leaves them out.
-ALL_FIXES = ("direct-weight-log", "finite-check-total", "cached-task-tuples")
-SMALL = ("mlp",)
-PATCHED_VARIANTS: list[Variant] = [
-    Variant("switch, post-switch +direct-weight-log", "mt2st", "plain single-task",
-            dict(strategy="switch", switch_at=SWITCH_AT), phase="post", section="post",
-            patches=("direct-weight-log",), models=SMALL, gpu=False),
-    Variant("switch, post-switch +all fixes", "mt2st", "plain single-task",
-            dict(strategy="switch", switch_at=SWITCH_AT), phase="post", section="post", patches=ALL_FIXES,
-            models=None, gpu=False),
-    Variant("diminish+prune, all pruned +all fixes", "mt2st", "plain single-task",
-            dict(strategy="diminish", **PRUNE), phase="post", section="post", patches=ALL_FIXES, models=SMALL,
-            gpu=False),
-    Variant("switch, pre-switch +all fixes", "mt2st", "plain multi-task", dict(strategy="switch", switch_at="end"),
-            section="pre", patches=ALL_FIXES, models=None, gpu=False),
-    Variant("diminish +all fixes", "mt2st", "plain multi-task", dict(strategy="diminish", eta=0.001),
-            section="pre", patches=ALL_FIXES, models=SMALL, gpu=False),
-    # Ablations: where the post-switch cost that no fix removes comes from (the smallest model shows it best).
-    Variant("ablation: plain single-task + an empty callback", "plain-stl", "plain single-task", phase="post",
-            section="post", empty_callback=True, target=None, models=("mlp",), gpu=False,
-            about="Lightning's per-hook dispatch of one more callback"),
-    Variant("ablation: MultiTaskModel, heads dropped before fit, no callback", "mt2st", "plain single-task",
-            phase="post", section="post", with_callback=False, predrop=True, target=None, models=("mlp",),
-            gpu=False, about="the mixin and MultiTaskModel's step, without the callback"),
-]
-
-# Rows of the memory table only (no timing): the same post-switch states with the dropped heads' storage freed.
-MEMORY_ONLY: list[Variant] = [
-    Variant("switch, post-switch +release-dropped-heads", "mt2st", "plain single-task",
-            dict(strategy="switch", switch_at=SWITCH_AT), phase="post", section="post",
-            patches=("release-dropped-heads",)),
-    Variant("diminish+prune, all pruned +release-dropped-heads", "mt2st", "plain single-task",
-            dict(strategy="diminish", **PRUNE), phase="post", section="post", patches=("release-dropped-heads",)),
-]
-
 
 def resolve_callback(variant: Variant, steps: int) -> dict[str, Any]:
-    """The callback's kwargs for a fit of ``steps`` steps (``switch_at="end"``: never reached in the fit)."""
+    """The callback's kwargs for a fit of ``steps`` steps. ``switch_at="last"`` is the fit's last step (the
+    latest switch the callback accepts): that step is not timed, it only ends the last timed step's clock."""
     kwargs = dict(variant.callback)
-    if kwargs.get("switch_at") == "end":
-        kwargs["switch_at"] = steps
+    if kwargs.get("switch_at") == "last":
+        kwargs["switch_at"] = steps - 1
     return kwargs
 
 

@@ -237,6 +237,31 @@ def test_train_writes_and_returns_the_run_summary(tmp_path):
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 
+class CrashAtStep(L.Callback):
+    """Fails the run at a given optimizer step, as a lost node or a bug would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated failure")
+
+
+def test_a_failed_run_keeps_its_checkpoint_and_logs_and_resumes(tmp_path):
+    crash = ["+callbacks.crash._target_=tests.test_app.CrashAtStep", "+callbacks.crash.step=6"]
+    cfg = compose_train(f"paths.output_dir={tmp_path}", "experiment=smoke", *crash)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        train(cfg)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 4  # the end of the first epoch, after the switch
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    assert {int(r["step"]) for r in rows if r.get("mt2st/weight/recon")} >= {0, 1, 2, 3, 4, 5}
+    # Resuming finishes the run: the heads stay dropped and the step count is the uninterrupted one.
+    resumed = train(compose_train(f"paths.output_dir={tmp_path / 'resumed'}", "experiment=smoke", f"ckpt_path={last}"))
+    assert resumed["total_steps"] == 8 and resumed["drop_times"] == {task: 2 for task in AUX}
+
+
 @pytest.mark.slow
 def test_train_under_fast_dev_run_tests_the_weights_in_memory(tmp_path):
     cfg = compose_train(
