@@ -188,16 +188,7 @@ class MT2STCallback(Callback):
         if t != self._last_time:
             # Within one gradient-accumulation window the time does not move, so neither do the weights.
             self._last_time = t
-            finished = [task for task in module.active_tasks[1:] if self.schedules[task].finished(t, self.total)]
-            if finished:
-                self._drop(trainer, module, finished, t)
-            aux = module.active_tasks[1:]
-            # Tells the cost meter that this step carries the adaptive measurement (extra backward passes).
-            self.measuring = self.is_adaptive and bool(aux) and t % self.adapt_every == 0
-            default = self.budget / len(aux) if self.is_adaptive and aux else 1.0
-            module.task_weights = {
-                task: self.schedules[task](t, self.total) * self._factors.get(task, default) for task in aux
-            }
+            self._update_tasks(trainer, module, t)
         if self.log_weights and trainer.loggers and trainer._logger_connector.should_update_logs:
             # Straight to the loggers, on logging steps only (as LearningRateMonitor does): `self.log` costs
             # ~2 ms a step here, since Lightning re-processes every key logged so far in the epoch.
@@ -207,6 +198,20 @@ class MT2STCallback(Callback):
             step = trainer.fit_loop.epoch_loop._batches_that_stepped
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
+
+    def _update_tasks(self, trainer: pl.Trainer, module: MT2STMixin, t: int) -> None:
+        aux = module.active_tasks[1:]
+        if not aux:  # single-task from here on: nothing left to weigh or drop, and nothing to pay for it
+            self.measuring = False
+            return
+        finished = [task for task in aux if self.schedules[task].finished(t, self.total)]
+        if finished:
+            self._drop(trainer, module, finished, t)
+            aux = module.active_tasks[1:]
+        # Tells the cost meter that this step carries the adaptive measurement (extra backward passes).
+        self.measuring = self.is_adaptive and bool(aux) and t % self.adapt_every == 0
+        default = self.budget / len(aux) if self.is_adaptive and aux else 1.0
+        module.task_weights = {task: self.schedules[task](t, self.total) * self._factors.get(task, default) for task in aux}
 
     def _drop(self, trainer: pl.Trainer, module: MT2STMixin, tasks: list[str], t: int) -> None:
         params = {id(p): p for task in tasks for p in module.drop_task(task, release=self.release_heads)}
@@ -236,7 +241,8 @@ class MT2STCallback(Callback):
 
     def _check_finite(self, trainer: pl.Trainer, loss: Tensor, losses: Mapping[str, Tensor]) -> None:
         # A non-finite task loss makes the weighted total non-finite (0 * inf is nan): one check, one sync.
-        local_ok = math.isfinite(loss.detach().float().sum().item())
+        total = loss if loss.ndim == 0 else loss.detach().float().sum()  # mt2st_loss returns a float32 scalar
+        local_ok = math.isfinite(total.item())
         # Each rank sees its own batch; all of them must take the same decision.
         all_ok = trainer.strategy.reduce_boolean_decision(local_ok, all=True)
         if all_ok:
@@ -287,15 +293,14 @@ class MT2STCallback(Callback):
 
     # ------------------------------------------------------------------ after backward
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        # Backward is done: let go of the task losses (and the graph nodes they hold) before the next batch.
+        pl_module.clear_task_losses()  # type: ignore[attr-defined]
         if self._skip_update:
             # The gradients hold a non-finite contribution: drop them, so that this update changes nothing.
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
             self._skip_update = False
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        pl_module.clear_task_losses()  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ the end: a deployable model
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

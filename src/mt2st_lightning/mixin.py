@@ -62,6 +62,7 @@ class MT2STMixin:
         # Read several times a step: kept as tuples, recomputed only when a head is dropped.
         self.__dict__["_mt2st_tasks"] = (primary, *(t for t in heads if t != primary))
         self.__dict__["_mt2st_active"] = self.__dict__["_mt2st_tasks"]
+        self.__dict__["_mt2st_active_set"] = frozenset(self.__dict__["_mt2st_tasks"])
 
     # ---------------------------------------------------------------- what the module and the callback read
     def _require_declared(self) -> None:
@@ -135,6 +136,18 @@ class MT2STMixin:
         """``L_0 + sum_k gamma_k * L_k`` in float32, over exactly the active tasks."""
         self._require_declared()
         active = self.active_tasks
+        if losses.keys() != self.__dict__["_mt2st_active_set"]:  # one set comparison on the happy path
+            self._raise_for_loss_names(losses)
+        weights = self.__dict__["_mt2st_weights"]
+        total = losses[active[0]].float()
+        for task in active[1:]:
+            total = total + weights[task] * losses[task].float()
+        # Read by the callback (finiteness check, adaptive statistics) before backward; cleared after backward.
+        self.__dict__["_mt2st_last_losses"] = losses
+        return total
+
+    def _raise_for_loss_names(self, losses: Mapping[str, Tensor]) -> None:
+        active = self.active_tasks
         given = set(losses)
         unknown = given - set(self.tasks)
         if unknown:
@@ -149,14 +162,7 @@ class MT2STMixin:
         if missing:
             what = "the primary task" if self.primary_task in missing else "active task(s)"
             raise KeyError(f"no loss for {what} {missing}; compute one loss for each of `self.active_tasks` = {list(active)}")
-        weights = self.__dict__["_mt2st_weights"]
-        primary = self.primary_task
-        total = losses[primary].float()
-        for task in active[1:]:
-            total = total + weights[task] * losses[task].float()
-        # Read by the callback (finiteness check, adaptive statistics) before backward; it clears it after.
-        self.__dict__["_mt2st_last_losses"] = losses
-        return total
+        raise AssertionError("unreachable: the loss names differ from the active tasks")
 
     # ---------------------------------------------------------------- dropping a head
     def drop_task(self, task: str, release: bool = False) -> list[nn.Parameter]:
@@ -180,6 +186,7 @@ class MT2STMixin:
             p.grad = None
         self.__dict__["_mt2st_dropped"].add(task)
         self.__dict__["_mt2st_active"] = tuple(t for t in self.tasks if t not in self.__dict__["_mt2st_dropped"])
+        self.__dict__["_mt2st_active_set"] = frozenset(self.__dict__["_mt2st_active"])
         self.__dict__["_mt2st_weights"][task] = 0.0
         if release:
             head = self.__dict__["_mt2st_heads"][task]
