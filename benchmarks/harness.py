@@ -267,10 +267,6 @@ class _Last(Callback):
 class _Empty(Callback):
     """A callback with no hook of its own (ablation)."""
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(strategy="none", unit="step")  # as costly to build as MT2STCallback's
-
 
 def _is_sync_warning(record: Any) -> bool:
     return "synchroniz" in str(record.message)

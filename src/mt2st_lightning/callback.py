@@ -102,6 +102,7 @@ class MT2STCallback(Callback):
             _check_values(strategy, self._params)
         self._given_schedules = dict(schedules) if schedules is not None else None
         self.unit = unit
+        self._state_key = self._generate_state_key(strategy=strategy, unit=unit)
         self.budget = float(budget)
         self.adapt_every = adapt_every
         self.adapt_decay = adapt_decay
@@ -125,7 +126,8 @@ class MT2STCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(strategy=self.strategy, unit=self.unit)
+        # Lightning reads it on every hook call (profiler names): built once, from what never changes.
+        return self._state_key
 
     @property
     def is_adaptive(self) -> bool:
