@@ -182,6 +182,23 @@ def test_slurm_launcher_config():
     assert cfg.hydra.launcher.nodes == 1 and cfg.trainer.num_nodes == 2
 
 
+@pytest.mark.slow
+def test_a_sweep_runs_through_submitit(tmp_path):
+    # The SLURM preset's launcher plugin, with submitit's local executor: the jobs are pickled, run in
+    # separate processes and summarised, as on a cluster (only sbatch is missing).
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the optional extra [slurm]")
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "--multirun", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "experiment=smoke",
+        "strategy=stl,switch", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads((sweep / job / "run_summary.json").read_text()) for job in ("0_stl_seed0", "1_switch_seed0")]
+    assert [s["strategy"] for s in summaries] == ["stl", "switch"]
+    assert summaries[1]["drop_times"] == {task: 2 for task in AUX}
+    assert "| strategy | runs |" in result.stdout
+
+
 # ---------------------------------------------------------------------------------------------- failing early
 def test_a_misspelled_key_fails_with_hydras_error():
     with pytest.raises(ConfigCompositionException, match="trainer.max_epoch"):
