@@ -260,6 +260,12 @@ def test_nonfinite_aux_loss_skip_leaves_parameters_unchanged(tmp_path, precision
                 for n, p in pl_module.named_parameters():
                     assert torch.equal(p, before[n]), f"{n} changed on the skipped step"
 
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            # After MT2STCallback's hook: the skipped step's gradients are gone, whatever the precision plugin
+            # (a GradScaler would skip a NaN step on its own, so the parameters alone would not tell).
+            if trainer.global_step == 2:
+                assert all(p.grad is None for p in pl_module.parameters())
+
     model = _nan_model()
     trainer = toy_trainer(tmp_path, [MT2STCallback("mtl", on_nonfinite="skip"), Watch()], max_epochs=1,
                           **_precision(precision))
@@ -282,6 +288,7 @@ def test_nonfinite_aux_loss_skip_leaves_parameters_unchanged(tmp_path, precision
         (dict(strategy="switch", switch_at=3, unit="batch"), ValueError, "unit must be 'step' or 'epoch'"),
         (dict(strategy="switch", switch_at=3, on_nonfinite="ignore"), ValueError, "on_nonfinite must be"),
         (dict(), ValueError, "give MT2STCallback a strategy"),
+        (dict(strategy="switch", schedules={"recon": Switch(at=2)}), ValueError, "got both strategy='switch' and schedules"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, error, match):
@@ -311,6 +318,44 @@ def test_bad_plans_fail_before_the_first_step(tmp_path, callback, match):
     with pytest.raises(ValueError, match=match):
         fit(tmp_path, callback, recorder=steps)
     assert steps.n == 0
+
+
+def test_a_plan_that_is_single_task_from_the_start_warns(tmp_path):
+    with pytest.warns(UserWarning, match=r"finished at step 0 of 2.0, so this run trains the primary task alone"):
+        fit(tmp_path, MT2STCallback("switch", switch_at=0.2), max_steps=2, max_epochs=None)
+
+
+def test_save_single_task_warns_when_no_head_was_dropped(tmp_path):
+    with pytest.warns(UserWarning, match="no auxiliary head was dropped"):
+        fit(tmp_path, MT2STCallback("mtl", save_single_task="single.ckpt"), max_steps=2, max_epochs=None)
+    assert not (tmp_path / "single.ckpt").exists()
+
+
+def test_ddp_communication_hooks_are_refused():
+    from lightning.pytorch.strategies import DDPStrategy
+    from mt2st_lightning.callback import _check_can_drop
+
+    with pytest.raises(RuntimeError, match="communication hooks"):
+        _check_can_drop(DDPStrategy(ddp_comm_hook=lambda state, bucket: bucket.buffer()))
+    _check_can_drop(DDPStrategy())
+
+
+def test_tied_auxiliary_head_is_refused():
+    from mt2st_lightning.models import MLPEncoder, MultiTaskModel
+    from tests.conftest import TASKS
+
+    class Tied(MultiTaskModel):
+        def __init__(self):
+            encoder = MLPEncoder(in_features=16, hidden=16, depth=1)
+            heads_hidden = 16
+            super().__init__(encoder, TASKS, primary="label", head_hidden=heads_hidden)
+
+        def declare_tasks(self, primary, heads):
+            self.heads["recon"][0].weight = self.encoder.net[1].weight  # an MLM-style tie, 16x16
+            super().declare_tasks(primary, heads)
+
+    with pytest.raises(ValueError, match=r"encoder\.net\.1\.weight is tied to a parameter of the auxiliary head 'recon'"):
+        Tied()
 
 
 def test_module_without_mixin_is_rejected(tmp_path):

@@ -113,3 +113,31 @@ def test_fp16_measurement_uses_the_loss_scale(tmp_path):
     trainer.fit(model, toy_loader())
     parity = callback.state_dict()["stats"]["sqnorm/parity"]
     assert torch.isfinite(parity) and parity > 0
+
+
+def test_cost_meter_charges_the_measurement_once_per_measuring_step(tmp_path):
+    from mt2st_lightning.flops import PhaseCostMeter
+
+    meter = PhaseCostMeter(log=False)
+    callback = MT2STCallback("gradnorm", adapt_every=2)
+    trainer = toy_trainer(tmp_path, [callback, meter], max_steps=4, max_epochs=None, accumulate_grad_batches=3)
+    trainer.fit(toy_model(), toy_loader())
+    # 4 optimizer steps x 3 micro-batches; the measurement (extra backward passes) runs at steps 0 and 2, on
+    # the first micro-batch of each window only.
+    assert meter.batches == {"label+recon+parity/measuring": 2, "label+recon+parity": 10}
+    measuring, plain = meter.flops_per_batch["label+recon+parity/measuring"], meter.flops_per_batch["label+recon+parity"]
+    assert measuring > plain
+
+
+def test_gradnorm_without_budget_keeps_the_raw_ratio_of_eq_13(tmp_path):
+    oracle, _, _ = run(tmp_path, "gradnorm", adapt_decay=0.0, budget=None)
+    assert _aux(oracle.weights[0]).tolist() == [1.0, 1.0]
+    for step in range(1, len(oracle.weights)):
+        sq = oracle.sq[step - 1]
+        expected = torch.tensor([(sq["label"] / sq[t]) ** 0.5 for t in AUX], dtype=torch.float64)
+        assert_close(_aux(oracle.weights[step]), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_budget_none_is_for_gradnorm_only():
+    with pytest.raises(ValueError, match="budget=None .* strategy='gradnorm' only"):
+        MT2STCallback("fisher", budget=None)

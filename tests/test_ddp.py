@@ -37,7 +37,9 @@ def test_ddp_switch_mid_run_keeps_ranks_identical(tmp_path, args):
         assert state["world_size"] == 2 and state["global_step"] == 12
         assert state["drop_times"] == {"recon": switch_at, "parity": switch_at}  # every rank, the same step
         assert state["active"] == ("label",)
-        # The rebuilt reducer holds only the encoder and the primary head (4 + 4 tensors).
+        # The DDP wrapper was rebuilt at the drop (built over the 4 + 4 tensors of the encoder and the primary
+        # head that still train); the --no-rebuild test below shows that plain DDP fails without it.
+        assert state["ddp"] and state["rebuilt"]
         assert state["trainable"] == 8
     for name, p in ranks[0]["params"].items():
         assert torch.equal(p, ranks[1]["params"][name]), f"{name} differs between ranks"

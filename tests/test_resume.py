@@ -58,3 +58,39 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, name, stop_after):
     for (name, p), (_, q) in zip(resumed_model.named_parameters(), full_model.named_parameters()):
         torch.testing.assert_close(p, q, msg=name)
     assert resumed_model.dropped_tasks == full_model.dropped_tasks
+
+
+def _checkpoint_after_switch(tmp_path, **callback):
+    model = toy_model(seed=0)
+    every_epoch = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, save_last=True, filename="{epoch}")
+    trainer = toy_trainer(tmp_path, [MT2STCallback(**callback), every_epoch], max_epochs=2, enable_checkpointing=True)
+    trainer.fit(model, toy_loader())
+    return trainer, model
+
+
+def test_resuming_with_another_strategy_fails(tmp_path):
+    _checkpoint_after_switch(tmp_path, strategy="switch", switch_at=3)
+    trainer = toy_trainer(tmp_path / "resumed", [MT2STCallback("mtl")], max_epochs=3, enable_checkpointing=True)
+    with pytest.raises(ValueError, match="checkpoint holds MT2ST state for strategy='switch'"):
+        trainer.fit(toy_model(), toy_loader(), ckpt_path=tmp_path / "last.ckpt")
+
+
+def test_resuming_with_a_later_switch_point_fails(tmp_path):
+    _checkpoint_after_switch(tmp_path, strategy="switch", switch_at=3)
+    trainer = toy_trainer(tmp_path / "resumed", [MT2STCallback("switch", switch_at=9)], max_epochs=2)
+    with pytest.raises(ValueError, match=r"\['parity', 'recon'\] were dropped .* not finished at step 6"):
+        trainer.fit(toy_model(), toy_loader(), ckpt_path=tmp_path / "epoch=0.ckpt")
+
+
+def test_released_heads_load_a_checkpoint_from_before_the_switch(tmp_path):
+    # e.g. trainer.test(ckpt_path="best") when the best epoch came before the switch
+    trainer, model = _checkpoint_after_switch(tmp_path, strategy="switch", switch_at=8, release_heads=True)
+    assert all(p.numel() == 0 for p in model.heads["recon"].parameters())
+    before_switch = torch.load(tmp_path / "epoch=0.ckpt", weights_only=False)
+    trainer.validate(model, toy_loader(), ckpt_path=tmp_path / "epoch=0.ckpt")
+    assert model.active_tasks == ("label", "recon", "parity")  # as the checkpoint was saved
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, before_switch["state_dict"][name], msg=name)
+    # ...and the last checkpoint, after the switch, releases them again.
+    trainer.validate(model, toy_loader(), ckpt_path=tmp_path / "last.ckpt")
+    assert model.active_tasks == ("label",) and all(p.numel() == 0 for p in model.heads["recon"].parameters())

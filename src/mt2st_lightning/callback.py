@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -42,9 +42,12 @@ class MT2STCallback(Callback):
             auxiliary task to its own value. ``switch_at`` is an int (step or epoch, per ``unit``) or a float
             in (0, 1), a fraction of the run (``Trainer.estimated_stepping_batches`` optimizer steps).
         unit: ``"step"`` counts optimizer steps (``trainer.global_step``), ``"epoch"`` counts epochs.
-        budget: the adaptive strategies' ``lambda``: their factors sum to it.
-        adapt_every: the adaptive strategies measure every this many optimizer steps; the new factors apply
-            from the next step on. ``gradnorm``/``fisher`` cost one extra backward per active task then.
+        budget: the adaptive strategies' ``lambda``: their factors sum to it. With ``strategy="gradnorm"``,
+            ``None`` keeps eq. 13's raw ratios ``||g_0|| / ||g_k||`` (normalising cancels ``||g_0||``, so with
+            one auxiliary task a budget makes the factor constant).
+        adapt_every: the adaptive strategies measure on the first batch of every this many units of time
+            (optimizer steps or epochs, per ``unit``); the new factors apply from the next unit on.
+            ``gradnorm``/``fisher`` cost one extra backward per active task then.
         adapt_decay: exponential smoothing of the measured statistics, in [0, 1).
         on_nonfinite: what a NaN/inf task loss does: ``"raise"`` stops training with the task named,
             ``"skip"`` drops the step's update (all ranks agree), ``"off"`` checks nothing and so adds no
@@ -69,7 +72,7 @@ class MT2STCallback(Callback):
         switch_at: Param = None,
         prune_below: Param = None,
         unit: Unit = "step",
-        budget: float = 1.0,
+        budget: float | None = 1.0,
         adapt_every: int = 10,
         adapt_decay: float = 0.9,
         on_nonfinite: NonFinitePolicy = "raise",
@@ -83,7 +86,12 @@ class MT2STCallback(Callback):
             bad = {t: s for t, s in schedules.items() if not isinstance(s, Schedule)}
             if bad:
                 raise TypeError(f"schedules must map task names to Schedule objects, got {bad}")
-            strategy = strategy if strategy in ADAPTIVE_STRATEGIES else "custom"
+            if strategy is not None and strategy not in ADAPTIVE_STRATEGIES:
+                raise ValueError(
+                    f"MT2STCallback got both strategy={strategy!r} and schedules: the schedules define the weights; "
+                    f"drop strategy, or pass one of {', '.join(ADAPTIVE_STRATEGIES)} to scale the schedules adaptively"
+                )
+            strategy = strategy or "custom"
         if strategy not in STRATEGIES and strategy != "custom":
             raise ValueError(f"unknown MT2ST strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if unit not in ("step", "epoch"):
@@ -94,7 +102,10 @@ class MT2STCallback(Callback):
             raise ValueError(f"adapt_every must be an int >= 1, got {adapt_every!r}")
         if not 0.0 <= adapt_decay < 1.0:
             raise ValueError(f"adapt_decay must lie in [0, 1), got {adapt_decay}")
-        if not (math.isfinite(budget) and budget > 0):
+        if budget is None:
+            if strategy != "gradnorm":
+                raise ValueError("budget=None (raw eq. 13 ratios) applies to strategy='gradnorm' only; give a number > 0")
+        elif not (math.isfinite(budget) and budget > 0):
             raise ValueError(f"budget must be a finite number > 0, got {budget}")
         self.strategy = strategy
         self._params = dict(gamma0=gamma0, eta=eta, nu=nu, switch_at=switch_at, prune_below=prune_below)
@@ -102,8 +113,7 @@ class MT2STCallback(Callback):
             _check_values(strategy, self._params)
         self._given_schedules = dict(schedules) if schedules is not None else None
         self.unit = unit
-        self._state_key = self._generate_state_key(strategy=strategy, unit=unit)
-        self.budget = float(budget)
+        self.budget = None if budget is None else float(budget)
         self.adapt_every = adapt_every
         self.adapt_decay = adapt_decay
         self.on_nonfinite = on_nonfinite
@@ -123,11 +133,6 @@ class MT2STCallback(Callback):
         self._skip_update = False
         self._restored = False
         self.measuring = False
-
-    @property
-    def state_key(self) -> str:
-        # Lightning reads it on every hook call (profiler names): built once, from what never changes.
-        return self._state_key
 
     @property
     def is_adaptive(self) -> bool:
@@ -174,6 +179,24 @@ class MT2STCallback(Callback):
         self._last_time = None
         self._measured_time = None
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here, not in on_fit_start: a resumed run's step counter is restored in between.
+        module = mt2st_module(pl_module)
+        t = self._time(trainer)
+        unfinished = sorted(task for task in module.dropped_tasks if not self.schedules[task].finished(t, self.total))
+        if unfinished:
+            raise ValueError(
+                f"the module's auxiliary task(s) {unfinished} were dropped (restored from the checkpoint), but under "
+                f"this callback's schedules they are not finished at {self.unit} {t}: resume with the settings the "
+                "run was started with"
+            )
+        at_start = sorted(task for task, sched in self.schedules.items() if sched.finished(0, self.total))
+        if t == 0 and at_start and self.strategy != "stl":
+            rank_zero_warn(
+                f"MT2ST ({self.strategy}): auxiliary task(s) {at_start} are finished at {self.unit} 0 of {self.total}, "
+                "so this run trains the primary task alone (a fractional switch_at rounds to 0 in a very short run?)"
+            )
+
     def _planned_total(self, trainer: pl.Trainer) -> float | None:
         if self.unit == "epoch":
             return float(trainer.max_epochs) if trainer.max_epochs not in (None, -1) else None
@@ -191,6 +214,10 @@ class MT2STCallback(Callback):
             # Within one gradient-accumulation window the time does not move, so neither do the weights.
             self._last_time = t
             self._update_tasks(trainer, module, t)
+        # The adaptive measurement runs on the first batch of its step (or epoch) only; the cost meter reads this.
+        self.measuring = (
+            self.is_adaptive and t % self.adapt_every == 0 and self._measured_time != t and len(module.active_tasks) > 1
+        )
         if self.log_weights and trainer.loggers and trainer._logger_connector.should_update_logs:
             # Straight to the loggers, on logging steps only (as LearningRateMonitor does): `self.log` costs
             # ~2 ms a step here, since Lightning re-processes every key logged so far in the epoch.
@@ -204,15 +231,13 @@ class MT2STCallback(Callback):
     def _update_tasks(self, trainer: pl.Trainer, module: MT2STMixin, t: int) -> None:
         aux = module.active_tasks[1:]
         if not aux:  # single-task from here on: nothing left to weigh or drop, and nothing to pay for it
-            self.measuring = False
             return
         finished = [task for task in aux if self.schedules[task].finished(t, self.total)]
         if finished:
             self._drop(trainer, module, finished, t)
             aux = module.active_tasks[1:]
-        # Tells the cost meter that this step carries the adaptive measurement (extra backward passes).
-        self.measuring = self.is_adaptive and bool(aux) and t % self.adapt_every == 0
-        default = self.budget / len(aux) if self.is_adaptive and aux else 1.0
+        # Until the first measurement: an equal share of the budget (raw ratios: 1).
+        default = self.budget / len(aux) if self.is_adaptive and self.budget is not None and aux else 1.0
         module.task_weights = {task: self.schedules[task](t, self.total) * self._factors.get(task, default) for task in aux}
 
     def _drop(self, trainer: pl.Trainer, module: MT2STMixin, tasks: list[str], t: int) -> None:
@@ -237,7 +262,8 @@ class MT2STCallback(Callback):
             return
         if self.on_nonfinite != "off":
             self._check_finite(trainer, loss, losses)
-        if self.is_adaptive and self._measured_time != self._last_time and self._last_time % self.adapt_every == 0:
+        if self.measuring:
+            self.measuring = False
             self._measured_time = self._last_time
             self._measure(trainer, module, losses)
 
@@ -307,7 +333,13 @@ class MT2STCallback(Callback):
     # ------------------------------------------------------------------ the end: a deployable model
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         module: MT2STMixin = pl_module  # type: ignore[assignment]
-        if not self.save_single_task or not module.dropped_tasks:
+        if not self.save_single_task:
+            return
+        if not module.dropped_tasks:
+            rank_zero_warn(
+                f"MT2STCallback(save_single_task={self.save_single_task!r}): no auxiliary head was dropped in this "
+                "run, so there is no single-task model to save"
+            )
             return
         path = Path(self.save_single_task)
         if not path.is_absolute():
@@ -367,6 +399,12 @@ def _check_can_drop(strategy: Strategy) -> None:
         raise RuntimeError(
             f"MT2STCallback drops auxiliary heads under single-device training and DDP "
             f"(strategy='ddp', 'ddp_spawn', ...); {type(strategy).__name__} is not supported."
+        )
+    if getattr(strategy, "_ddp_comm_hook", None) is not None:
+        # A stateful hook (PowerSGD's error feedback) is keyed by gradient bucket, and a drop changes the buckets.
+        raise RuntimeError(
+            "MT2STCallback rebuilds the DDP reducer when it drops a head, which DDP communication hooks "
+            "(DDPStrategy(ddp_comm_hook=...)) do not survive; train without the hook"
         )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["MT2STMixin"]
@@ -52,6 +53,7 @@ class MT2STMixin:
                     f"the head of task {task!r} is not a submodule of {type(self).__name__}; assign the heads "
                     "to the module first (self.heads = nn.ModuleDict(...)), then call declare_tasks"
                 )
+        _check_untied(self, {task: head for task, head in heads.items() if task != primary})
         # Plain attributes, set through __dict__ so that nn.Module does not register the heads a second time.
         self.__dict__["_mt2st_primary"] = primary
         self.__dict__["_mt2st_heads"] = dict(heads)
@@ -222,11 +224,53 @@ class MT2STMixin:
                     f"checkpoint was trained with primary task {state['primary_task']!r}, "
                     f"this module declares {self.primary_task!r}"
                 )
-            released = set(state.get("released_tasks", ()))
-            for task in state["dropped_tasks"]:
-                # Before the weights are loaded: a released head is stored as empty tensors.
-                self.drop_task(task, release=task in released)
+            # Make the module's heads what they were when the checkpoint was saved, before its weights load.
+            dropped, released = set(state["dropped_tasks"]), set(state.get("released_tasks", ()))
+            for task in sorted(self.dropped_tasks - dropped):  # e.g. testing a "best" checkpoint from before the switch
+                self._undrop_task(task)
+            for task in sorted(self.__dict__["_mt2st_released"] - released):
+                self._reallocate_head(task, checkpoint.get("state_dict", {}))
+            for task in sorted(dropped):
+                self.drop_task(task, release=task in released)  # a released head is stored as empty tensors
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+
+    def _undrop_task(self, task: str) -> None:
+        for p in self.head_parameters(task):
+            p.requires_grad_(True)
+        self.__dict__["_mt2st_dropped"].discard(task)
+        self.__dict__["_mt2st_active"] = tuple(t for t in self.tasks if t not in self.__dict__["_mt2st_dropped"])
+        self.__dict__["_mt2st_active_set"] = frozenset(self.__dict__["_mt2st_active"])
+        self.__dict__["_mt2st_weights"][task] = 1.0  # the callback sets the weight at the next step boundary
+
+    def _reallocate_head(self, task: str, state_dict: Mapping[str, Tensor]) -> None:
+        """Give a released head storage again, shaped as in ``state_dict``, which then fills it."""
+        names = {id(v): k for k, v in self.state_dict(keep_vars=True).items()}  # type: ignore[attr-defined]
+        head = self.__dict__["_mt2st_heads"][task]
+        for tensor in (*head.parameters(), *head.buffers()):
+            saved = state_dict.get(names.get(id(tensor), ""))
+            if saved is None:
+                raise KeyError(f"the checkpoint holds no weights for the released head of task {task!r}")
+            tensor.data = torch.empty(saved.shape, dtype=tensor.dtype, device=tensor.device)
+        self.__dict__["_mt2st_released"].discard(task)
+
+
+def _check_untied(module: nn.Module, aux_heads: Mapping[str, nn.Module]) -> None:
+    """Dropping a head freezes (and may free) its parameters: none of them may also belong to another part."""
+    owner = {}
+    for task, head in aux_heads.items():
+        for p in head.parameters():
+            if id(p) in owner:
+                raise ValueError(f"the heads of tasks {owner[id(p)]!r} and {task!r} share a parameter; untie them")
+            owner[id(p)] = task
+    inside = {task: {id(m) for m in head.modules()} for task, head in aux_heads.items()}
+    for name, sub in module.named_modules(remove_duplicate=False):
+        for pname, p in sub.named_parameters(recurse=False):
+            task = owner.get(id(p))
+            if task is not None and id(sub) not in inside[task]:
+                raise ValueError(
+                    f"{name}.{pname} is tied to a parameter of the auxiliary head {task!r}: dropping that head would "
+                    "freeze it too. Untie them (or do not declare that head as auxiliary)"
+                )
 
 
 def mt2st_module(module: Any) -> MT2STMixin:

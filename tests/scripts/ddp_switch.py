@@ -23,6 +23,17 @@ def _value(text: str) -> bool | int | float:
     return float(text) if "." in text else int(text)
 
 
+class DDPWrappers(pl.Callback):
+    """The DDP wrapper at the start and at the end of training (before teardown unwraps the module): after a
+    drop it must be a new one, whose reducer holds only the parameters that still train."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.at_start = trainer.strategy.model
+
+    def on_train_end(self, trainer, pl_module):
+        self.at_end = trainer.strategy.model
+
+
 def main() -> None:
     args = [a for a in sys.argv[1:] if a != "--no-rebuild"]
     if "--no-rebuild" in sys.argv:
@@ -32,13 +43,14 @@ def main() -> None:
     out, strategy = Path(args[0]), args[1]
     kwargs = {k: _value(v) for k, v in (a.split("=") for a in args[2:])}
     callback = MT2STCallback(strategy, **kwargs)
+    wrappers = DDPWrappers()
     model = toy_model(seed=0)
     trainer = pl.Trainer(
-        callbacks=[callback], accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, logger=False, enable_checkpointing=False,
+        callbacks=[callback, wrappers], accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=out,
     )
     trainer.fit(model, toy_loader(n=128, batch_size=16, shuffle=True))
-    reducer_params = sum(1 for p in trainer.strategy.model.parameters() if p.requires_grad)
+    reducer_params = sum(1 for p in wrappers.at_end.parameters() if p.requires_grad)
     torch.save(
         {
             "params": {n: p.detach().clone() for n, p in model.named_parameters()},
@@ -47,6 +59,8 @@ def main() -> None:
             "world_size": trainer.world_size,
             "global_step": trainer.global_step,
             "trainable": reducer_params,
+            "rebuilt": wrappers.at_end is not wrappers.at_start,
+            "ddp": isinstance(wrappers.at_end, torch.nn.parallel.DistributedDataParallel),
             "weights": model.task_weights,
         },
         out / f"rank{trainer.global_rank}.pt",
