@@ -63,8 +63,11 @@ class MT2STMixin:
         self.__dict__["_mt2st_last_losses"] = None
         # Read several times a step: kept as tuples, recomputed only when a head is dropped.
         self.__dict__["_mt2st_tasks"] = (primary, *(t for t in heads if t != primary))
-        self.__dict__["_mt2st_active"] = self.__dict__["_mt2st_tasks"]
-        self.__dict__["_mt2st_active_set"] = frozenset(self.__dict__["_mt2st_tasks"])
+        self._refresh_active_tasks()
+
+    def _refresh_active_tasks(self) -> None:
+        self.__dict__["_mt2st_active"] = tuple(t for t in self.tasks if t not in self.__dict__["_mt2st_dropped"])
+        self.__dict__["_mt2st_active_set"] = frozenset(self.__dict__["_mt2st_active"])
 
     # ---------------------------------------------------------------- what the module and the callback read
     def _require_declared(self) -> None:
@@ -187,8 +190,7 @@ class MT2STMixin:
             p.requires_grad_(False)
             p.grad = None
         self.__dict__["_mt2st_dropped"].add(task)
-        self.__dict__["_mt2st_active"] = tuple(t for t in self.tasks if t not in self.__dict__["_mt2st_dropped"])
-        self.__dict__["_mt2st_active_set"] = frozenset(self.__dict__["_mt2st_active"])
+        self._refresh_active_tasks()
         self.__dict__["_mt2st_weights"][task] = 0.0
         if release:
             head = self.__dict__["_mt2st_heads"][task]
@@ -238,8 +240,7 @@ class MT2STMixin:
         for p in self.head_parameters(task):
             p.requires_grad_(True)
         self.__dict__["_mt2st_dropped"].discard(task)
-        self.__dict__["_mt2st_active"] = tuple(t for t in self.tasks if t not in self.__dict__["_mt2st_dropped"])
-        self.__dict__["_mt2st_active_set"] = frozenset(self.__dict__["_mt2st_active"])
+        self._refresh_active_tasks()
         self.__dict__["_mt2st_weights"][task] = 1.0  # the callback sets the weight at the next step boundary
 
     def _reallocate_head(self, task: str, state_dict: Mapping[str, Tensor]) -> None:
