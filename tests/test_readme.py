@@ -20,3 +20,40 @@ def test_readme_has_examples():
 def test_readme_example_runs(code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
+
+
+def _train_commands() -> list[str]:
+    """Every `mt2st-train ...` command line in the README's and the experiments' shell blocks."""
+    lines = []
+    for path in (README, README.parent / "experiments" / "README.md"):
+        for block in re.findall(r"```bash\n(.*?)```", path.read_text(), flags=re.S):
+            lines += [line.split("#")[0].strip() for line in block.splitlines() if line.strip().startswith("mt2st-train")]
+    return lines
+
+
+TRAIN_COMMANDS = _train_commands()
+
+
+def test_readme_has_train_commands():
+    assert len(TRAIN_COMMANDS) >= 5
+
+
+@pytest.mark.parametrize("command", TRAIN_COMMANDS)
+def test_readme_train_commands_compose(command):
+    # Every sweep value must compose: each one in turn, with the first value of the other swept parameters.
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the optional extra [slurm]")
+    from hydra import compose, initialize_config_dir
+
+    from mt2st_lightning.train import CONFIG_DIR
+
+    overrides = [arg.strip("'\"") for arg in command.split()[1:] if arg != "--multirun" and arg != "\\"]
+    sweeps = {i: o.split("=", 1)[1].split(",") for i, o in enumerate(overrides) if "," in o.split("=", 1)[-1]}
+    jobs = [[o.split("=", 1)[0] + "=" + sweeps[i][0] if i in sweeps else o for i, o in enumerate(overrides)]]
+    for i, values in sweeps.items():
+        for value in values[1:]:
+            job = list(jobs[0])
+            job[i] = overrides[i].split("=", 1)[0] + "=" + value
+            jobs.append(job)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        for job in jobs:
+            compose("train", overrides=job, return_hydra_config=any(o.startswith("hydra") for o in job))
