@@ -28,11 +28,11 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def _phase_of(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+def _phase_of(pl_module: pl.LightningModule, schedulers: list[MT2STCallback]) -> str:
     tasks = getattr(pl_module, "active_tasks", None)
     phase = "+".join(tasks) if tasks else "all"
     # An adaptive strategy's measuring step runs extra backward passes: a phase of its own.
-    if any(c.measuring for c in trainer.callbacks if isinstance(c, MT2STCallback)):
+    if any(c.measuring for c in schedulers):
         phase += "/measuring"
     return phase
 
@@ -56,18 +56,19 @@ class PhaseCostMeter(Callback):
         self._counter: FlopCounterMode | None = None
         self._phase = ""
         self._t0 = 0.0
+        self._schedulers: list[MT2STCallback] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        position = {id(c): i for i, c in enumerate(trainer.callbacks)}
-        schedulers = [position[id(c)] for c in trainer.callbacks if isinstance(c, MT2STCallback)]
-        if schedulers and max(schedulers) > position[id(self)]:
+        # Found once here; each batch reads their `measuring` flag.
+        self._schedulers = [c for c in trainer.callbacks if isinstance(c, MT2STCallback)]
+        if any(trainer.callbacks.index(c) > trainer.callbacks.index(self) for c in self._schedulers):
             raise ValueError(
                 "PhaseCostMeter must come after MT2STCallback in Trainer(callbacks=[...]): it reads the phase "
                 "(the active tasks) that MT2STCallback sets at the start of each batch"
             )
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._phase = _phase_of(trainer, pl_module)
+        self._phase = _phase_of(pl_module, self._schedulers)
         if self._phase not in self.flops_per_batch:
             self._counter = FlopCounterMode(display=False)
             self._counter.__enter__()

@@ -139,8 +139,7 @@ class MT2STMixin:
     # ---------------------------------------------------------------- the loss
     def mt2st_loss(self, losses: Mapping[str, Tensor]) -> Tensor:
         """``L_0 + sum_k gamma_k * L_k`` in float32, over exactly the active tasks."""
-        self._require_declared()
-        active = self.active_tasks
+        active = self.active_tasks  # raises if the tasks were never declared
         if losses.keys() != self.__dict__["_mt2st_active_set"]:  # one set comparison on the happy path
             self._raise_for_loss_names(losses)
         weights = self.__dict__["_mt2st_weights"]
