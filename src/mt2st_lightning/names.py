@@ -1,0 +1,53 @@
+"""Metric names shared by the library, the app and the report: each one defined here, once.
+
+The callback logs the ``mt2st/...`` keys, the example models the ``train/``/``val/``/``test/`` keys,
+``PhaseCostMeter`` the ``cost/...`` keys; ``mt2st-report`` reads them back from ``metrics.csv``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ACTIVE_TASKS",
+    "COST_FLOPS",
+    "COST_FLOPS_AT_VAL",
+    "COST_FLOPS_PER_BATCH",
+    "COST_TIME",
+    "COST_TIME_AT_VAL",
+    "SWITCH_STEP_PREFIX",
+    "TEST_PRIMARY_METRIC",
+    "TRAIN_LOSS",
+    "VAL_LOSS",
+    "VAL_PRIMARY_METRIC",
+    "WEIGHT_PREFIX",
+    "task_loss",
+    "weight",
+]
+
+# Logged by MT2STCallback.
+WEIGHT_PREFIX = "mt2st/weight/"
+ACTIVE_TASKS = "mt2st/active_tasks"
+#: ``mt2st/dropped_at/<task>``: the step (or epoch) at which a task's head was dropped.
+SWITCH_STEP_PREFIX = "mt2st/dropped_at/"
+
+# Logged by the example models (models/multitask.py) and read by the app and the report.
+TRAIN_LOSS = "train/loss"
+VAL_LOSS = "val/loss"
+VAL_PRIMARY_METRIC = "val/primary_metric"
+TEST_PRIMARY_METRIC = "test/primary_metric"
+
+# Logged by PhaseCostMeter.
+COST_FLOPS = "cost/flops"
+COST_TIME = "cost/time_s"
+COST_FLOPS_PER_BATCH = "cost/flops_per_batch"
+COST_FLOPS_AT_VAL = "cost/flops_at_val"
+COST_TIME_AT_VAL = "cost/time_s_at_val"
+
+
+def weight(task: str) -> str:
+    """The key of an auxiliary task's logged weight."""
+    return f"{WEIGHT_PREFIX}{task}"
+
+
+def task_loss(task: str, split: str = "train") -> str:
+    """The key of one task's logged loss, e.g. ``train/loss/digit``."""
+    return f"{split}/loss/{task}"

@@ -1,0 +1,89 @@
+"""The decision layer's one interface: a ``Policy`` says what the auxiliary weights are and which tasks
+are finished.
+
+A policy is the only thing that decides. ``MT2STCallback`` asks it at every optimizer-step boundary
+(``weights``, ``finished``), shows it what it asked to see (``observe_step`` on the steps it wants,
+``observe_validation`` after every validation run), and carries out its answers: it writes the weights into
+the module and drops finished heads. A policy never touches the trainer or the module; whatever it observes
+it makes rank-consistent through the :class:`Reducer` it is handed, so every rank takes the same decision.
+
+Write your own by subclassing :class:`Policy` and passing an instance as ``MT2STCallback(policy=...)``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any, Protocol
+
+from torch import Tensor
+
+from mt2st_lightning.step_record import StepRecord
+
+__all__ = ["Policy", "Reducer"]
+
+
+class Reducer(Protocol):
+    """Cross-rank agreement, handed to a policy (a no-op on a single device)."""
+
+    def mean(self, value: Tensor) -> Tensor:
+        """``value`` averaged over ranks (every rank gets the same tensor)."""
+
+    def all(self, decision: bool) -> bool:
+        """True on every rank iff ``decision`` is True on every rank."""
+
+    def any(self, decision: bool) -> bool:
+        """True on every rank iff ``decision`` is True on some rank."""
+
+
+class Policy(ABC):
+    """What the auxiliary weights are at time ``t`` and which auxiliary tasks are finished.
+
+    ``t`` counts optimizer steps (or epochs) from 0, in the callback's ``unit``. ``active`` is the tuple of
+    auxiliary tasks whose heads still run. A finished task stays finished: the callback drops its head and
+    never asks about it again.
+
+    Hooks, in the order the callback calls them:
+
+    - :meth:`bind` once per fit, before the first step: the auxiliary tasks and the run's planned length.
+    - at each optimizer-step boundary: :meth:`finished`, then :meth:`weights` for the tasks still active.
+    - :meth:`wants_step`, then (if True) :meth:`observe_step` with the step's :class:`StepRecord`, between
+      forward and backward of the first micro-batch of that step. A step that the non-finite guard skips is
+      never observed.
+    - :meth:`observe_validation` after each validation run, with the logged metrics.
+    - :meth:`state_dict` / :meth:`load_state_dict` with every checkpoint.
+    """
+
+    #: A short name, used in messages, logs and checkpoints.
+    name: str = "custom"
+
+    def bind(self, tasks: Sequence[str], total: float | None, unit: str) -> None:
+        """Called once per fit with the module's auxiliary tasks and the run's planned length in ``unit``
+        (``None`` if unknown). Resolve fractions of the run here and raise ``ValueError`` for a plan that
+        cannot be carried out."""
+
+    @abstractmethod
+    def weights(self, t: int, active: Sequence[str]) -> Mapping[str, float]:
+        """The loss weight of each task in ``active`` at time ``t`` (non-negative floats)."""
+
+    @abstractmethod
+    def finished(self, t: int, active: Sequence[str]) -> Collection[str]:
+        """The tasks of ``active`` that are finished at ``t``; their heads are dropped before the step runs.
+        Must be the same on every rank (decide through the reducer)."""
+
+    def wants_step(self, t: int) -> bool:
+        """Whether to observe this step's losses (a *measuring* step). Called once per optimizer step."""
+        return False
+
+    def observe_step(self, t: int, record: StepRecord, reduce: Reducer) -> None:
+        """See the step's losses (and features) before backward. May take gradients with
+        ``retain_graph=True``; must not call ``backward`` or touch ``.grad``."""
+
+    def observe_validation(self, t: int, metrics: Mapping[str, Tensor | float], reduce: Reducer) -> None:
+        """See the metrics logged by a validation run that ended at time ``t``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
