@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -59,6 +59,9 @@ class MultiTaskModel(MT2STMixin, pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["encoder"])
         specs = {t: s if isinstance(s, TaskSpec) else TaskSpec(**s) for t, s in tasks.items()}
+        # Plain dicts in the hyperparameters, also when given TaskSpecs (LightningCLI builds them): loggers write
+        # hyperparameters as YAML, and Lightning's YAML writer refuses frozen dataclasses.
+        self.save_hyperparameters({**self.hparams, "tasks": {t: asdict(s) for t, s in specs.items()}})
         if primary not in specs:
             raise ValueError(f"primary task {primary!r} is not among the model's tasks {list(specs)}")
         if not hasattr(encoder, "out_features"):
