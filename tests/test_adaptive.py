@@ -369,8 +369,46 @@ def test_squared_grad_norms_float64_loss():
 )
 def test_squared_grad_norms_without_trainable_params(params):
     loss = torch.nn.Parameter(torch.ones(())) * 2
-    with pytest.raises(ValueError, match="no trainable shared parameters to measure task gradients on"):
+    with pytest.raises(ValueError, match="no shared parameters that require grad to measure task gradients on"):
         squared_grad_norms([loss], params)
+
+
+def test_squared_grad_norms_names_a_task_that_does_not_reach_the_inputs():
+    w, _, x = _linear_setup()
+    head = torch.nn.Parameter(torch.tensor([0.5, -1.0]))
+    losses = [(w * x).sum(), (head * 3.0).sum()]
+    # Unnamed: an unreachable input is a zero gradient (as before); named: an error naming the task.
+    assert_close(squared_grad_norms(losses, [w]), torch.tensor([77.0, 0.0]))
+    with pytest.raises(ValueError, match=r"the loss of task 'edges' does not depend on the features"):
+        squared_grad_norms(losses, [w], names=["label", "edges"], what="features")
+    # A constant loss (no labels of that task in the batch) stays a zero norm, named or not.
+    assert_close(squared_grad_norms([(w * x).sum(), torch.zeros(())], [w], names=["a", "b"]), torch.tensor([77.0, 0.0]))
+
+
+def test_squared_grad_norms_on_the_representation_runs_no_encoder_backward():
+    calls = []
+
+    class Probe(torch.autograd.Function):  # identity whose backward records that it ran
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            calls.append(1)
+            return grad
+
+    encoder = torch.nn.Linear(3, 4)
+    heads = [torch.nn.Linear(4, 1), torch.nn.Linear(4, 2)]
+    h = Probe.apply(torch.tanh(encoder(torch.randn(5, 3))))  # the probe is the top of the encoder
+    losses = [head(h).pow(2).mean() for head in heads]
+    out = squared_grad_norms(losses, [h], names=["p", "a"], what="features")
+    assert calls == []  # the encoder's backward never ran
+    expected = [torch.autograd.grad(loss, h, retain_graph=True)[0].pow(2).sum() for loss in losses]
+    assert_close(out, torch.stack(expected))
+    assert all(p.grad is None for p in encoder.parameters())
+    squared_grad_norms(losses, list(encoder.parameters()))
+    assert len(calls) == 2  # the parameter mode: one encoder backward per task
 
 
 @SETTINGS

@@ -9,16 +9,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from mt2st_lightning.schedules import (
-    ADAPTIVE_STRATEGIES,
-    STRATEGIES,
-    Constant,
-    Diminish,
-    Product,
-    Schedule,
-    Switch,
-    schedules_for,
-)
+from mt2st_lightning.schedules import Constant, Diminish, Product, Schedule, Switch
 
 SETTINGS = settings(max_examples=200, deadline=None)
 
@@ -502,155 +493,37 @@ def test_schedules_are_immutable():
         d.gamma0 = 2.0  # type: ignore[misc]
 
 
-# -------------------------------------------------------------------------------------------- schedules_for
-TASKS = ("a", "b")
-
-
-def test_strategies_listed():
-    assert STRATEGIES == ("stl", "mtl", "diminish", "switch", "gradnorm", "fisher", "noise")
-    assert ADAPTIVE_STRATEGIES == ("gradnorm", "fisher", "noise")
-
-
-def test_schedules_for_stl():
-    out = schedules_for("stl", TASKS, gamma0=3.0)
-    assert out == {"a": Constant(0.0), "b": Constant(0.0)}
-    for s in out.values():
-        assert s.finished(0) and s(0) == 0.0
-
-
-def test_schedules_for_mtl():
-    out = schedules_for("mtl", TASKS, gamma0=0.7)
-    assert out == {"a": Constant(0.7), "b": Constant(0.7)}
-    assert out["a"](10**6) == 0.7 and not out["a"].finished(10**6)
-
-
-def test_schedules_for_diminish():
-    out = schedules_for("diminish", TASKS, gamma0=2.0, eta=0.1, nu=0.5, prune_below=0.01)
-    assert out == {t: Diminish(gamma0=2.0, eta=0.1, nu=0.5, prune_below=0.01) for t in TASKS}
-    assert out["a"](4) == pytest.approx(2.0 * math.exp(-0.2), rel=1e-12)
-    defaults = schedules_for("diminish", ["x"])["x"]
-    assert defaults == Diminish(gamma0=1.0, eta=0.01, nu=1.0, prune_below=None)
-
-
-def test_schedules_for_switch():
-    out = schedules_for("switch", TASKS, switch_at=100, gamma0=0.5)
-    assert out == {"a": Switch(at=100, gamma0=0.5), "b": Switch(at=100, gamma0=0.5)}
-    frac = schedules_for("switch", TASKS, switch_at=0.25)
-    assert frac["a"] == Switch(at=0.25, gamma0=1.0)
-    assert frac["a"].switch_time(1000) == 250
-
-
-@pytest.mark.parametrize("strategy", ADAPTIVE_STRATEGIES)
-def test_schedules_for_adaptive_envelope(strategy):
-    assert schedules_for(strategy, TASKS, gamma0=0.3) == {"a": Constant(0.3), "b": Constant(0.3)}
-    assert schedules_for(strategy, TASKS, gamma0=0.3, switch_at=50) == {
-        "a": Switch(at=50, gamma0=0.3),
-        "b": Switch(at=50, gamma0=0.3),
-    }
-    mixed = schedules_for(strategy, TASKS, switch_at={"a": 10, "b": None})
-    assert mixed == {"a": Switch(at=10, gamma0=1.0), "b": Constant(1.0)}
-
-
-@pytest.mark.parametrize(
-    ("strategy", "kind"),
-    [("stl", Constant), ("mtl", Constant), ("diminish", Diminish), ("switch", Switch)]
-    + [(s, Switch) for s in ADAPTIVE_STRATEGIES],
-)
-def test_schedules_for_types(strategy, kind):
-    out = schedules_for(strategy, ["x", "y", "z"], switch_at=5)
-    assert list(out) == ["x", "y", "z"]
-    assert all(type(s) is kind for s in out.values())
-    assert all(isinstance(s, Schedule) for s in out.values())
-
-
-def test_schedules_for_per_task_mappings():
-    out = schedules_for(
-        "diminish",
-        TASKS,
-        gamma0={"a": 1.0, "b": 2.0},
-        eta={"a": 0.1, "b": 0.2},
-        nu=0.5,
-        prune_below={"a": None, "b": 0.05},
-    )
-    assert out["a"] == Diminish(gamma0=1.0, eta=0.1, nu=0.5, prune_below=None)
-    assert out["b"] == Diminish(gamma0=2.0, eta=0.2, nu=0.5, prune_below=0.05)
-    sw = schedules_for("switch", TASKS, switch_at={"a": 10, "b": 0.5}, gamma0={"b": 3.0, "a": 0.5})
-    assert sw == {"a": Switch(at=10, gamma0=0.5), "b": Switch(at=0.5, gamma0=3.0)}
-    assert sw["a"](9, 100) == 0.5 and sw["a"](10, 100) == 0.0
-    assert sw["b"](49, 100) == 3.0 and sw["b"](50, 100) == 0.0
-    assert schedules_for("mtl", TASKS, gamma0={"a": 0.0, "b": 1.0}) == {
-        "a": Constant(0.0),
-        "b": Constant(1.0),
-    }
-
-
-def test_schedules_for_no_tasks():
-    assert schedules_for("diminish", []) == {}
-
-
-def test_schedules_for_unknown_strategy():
-    with pytest.raises(ValueError, match=r"unknown MT2ST strategy 'dimnish'; choose one of ") as info:
-        schedules_for("dimnish", TASKS)
-    for name in STRATEGIES:
-        assert name in str(info.value)
-    assert "stl, mtl, diminish, switch, gradnorm, fisher, noise" in str(info.value)
-
-
-def test_schedules_for_switch_needs_switch_at():
-    with pytest.raises(ValueError, match=r"strategy='switch' needs switch_at"):
-        schedules_for("switch", TASKS)
-    with pytest.raises(ValueError, match=r"strategy='switch' needs switch_at"):
-        schedules_for("switch", TASKS, switch_at={"a": 5, "b": None})
-
-
-def test_schedules_for_mapping_unknown_task():
-    with pytest.raises(
-        ValueError, match=r"gamma0 names unknown auxiliary task\(s\) \['c'\]; the tasks are \['a', 'b'\]"
-    ):
-        schedules_for("mtl", TASKS, gamma0={"a": 1.0, "b": 1.0, "c": 1.0})
-    with pytest.raises(ValueError, match=r"eta names unknown auxiliary task\(s\) \['x', 'y'\]"):
-        schedules_for("diminish", TASKS, eta={"a": 0.1, "b": 0.1, "y": 0.1, "x": 0.1})
-
-
-def test_schedules_for_mapping_missing_task():
-    with pytest.raises(
-        ValueError, match=r"eta gives no value for auxiliary task 'b'; give one for each of \['a', 'b'\]"
-    ):
-        schedules_for("diminish", TASKS, eta={"a": 0.1})
-    with pytest.raises(ValueError, match=r"switch_at gives no value for auxiliary task 'a'"):
-        schedules_for("switch", TASKS, switch_at={"b": 10})
-
-
-def test_schedules_for_bad_values_propagate():
-    with pytest.raises(ValueError, match=r"Diminish\.nu must be > 0"):
-        schedules_for("diminish", TASKS, nu={"a": 1.0, "b": 0.0})
-    with pytest.raises(ValueError, match=r"must lie in \(0, 1\)"):
-        schedules_for("switch", TASKS, switch_at=1.5)
+# ------------------------------------------------------------------------------------- bind, NumPy scalars
+def test_numpy_scalars_are_python_numbers():
+    np = pytest.importorskip("numpy")
+    sw = Switch(at=np.int64(7), gamma0=np.float32(0.5))
+    assert sw == Switch(at=7, gamma0=0.5) and type(sw.at) is int and type(sw.gamma0) is float
+    assert Switch(at=np.float64(0.25)).switch_time(100) == 25
+    d = Diminish(gamma0=np.float32(2.0), eta=np.float16(0.5), nu=np.int32(1), prune_below=np.float64(0.1))
+    assert d == Diminish(gamma0=2.0, eta=0.5, nu=1, prune_below=0.1)
+    assert Constant(np.int8(3)) == Constant(3)
+    with pytest.raises(TypeError, match="Switch.at must be an int"):
+        Switch(at=True)
+    with pytest.raises(TypeError, match="Constant.value must be a number"):
+        Constant(np.bool_(True))
 
 
 @SETTINGS
-@given(
-    gamma0=gammas,
-    eta=etas,
-    nu=nus,
-    at=int_ats | fractions,
-    strategy=st.sampled_from(STRATEGIES),
-    total=totals,
-    t=times,
-)
-def test_schedules_for_agrees_with_direct_construction(gamma0, eta, nu, at, strategy, total, t):
-    out = schedules_for(strategy, ["p", "q"], gamma0={"p": gamma0, "q": 1.0}, eta=eta, nu=nu, switch_at=at)
-    expected = {
-        "stl": Constant(0.0),
-        "mtl": Constant(gamma0),
-        "diminish": Diminish(gamma0=gamma0, eta=eta, nu=nu),
-        "switch": Switch(at=at, gamma0=gamma0),
-    }.get(strategy, Switch(at=at, gamma0=gamma0))
-    assert out["p"] == expected
-    assert out["p"](t, total) == expected(t, total)
-    if strategy == "stl":
-        assert out["q"] == Constant(0.0)
-    elif strategy == "mtl":
-        assert out["q"] == Constant(1.0)
-    else:
-        assert out["q"] == dataclasses.replace(expected, gamma0=1.0)
+@given(at=fractions, total=st.integers(min_value=1, max_value=10_000), g=positive_gammas)
+def test_bind_resolves_a_fraction_once(at, total, g):
+    sw = Switch(at=at, gamma0=g)
+    bound = sw.bind(total)
+    assert bound == Switch(at=int(round(at * total)), gamma0=g) and isinstance(bound.at, int)
+    # The bound schedule no longer depends on the run's length; before binding it did.
+    for t in range(max(0, bound.at - 2), bound.at + 2):
+        assert bound(t, None) == sw(t, total) and bound.finished(t, 3 * total) == sw.finished(t, total)
+    assert bound.bind(5 * total) == bound
+    product = (Diminish(eta=0.1) * sw).bind(total)
+    assert product == Product((Diminish(eta=0.1), bound))
+    assert Constant(0.5).bind(None) == Constant(0.5) and Diminish().bind(None) == Diminish()
+
+
+def test_bind_needs_the_length_for_a_fraction():
+    with pytest.raises(ValueError, match=r"run's length is unknown; set Trainer\(max_steps=...\)"):
+        Switch(at=0.5).bind(None)
+    assert Switch(at=5).bind(None) == Switch(at=5)

@@ -2,16 +2,8 @@
 
 from mt2st_lightning.callback import MT2STCallback
 from mt2st_lightning.mixin import MT2STMixin
-from mt2st_lightning.schedules import (
-    ADAPTIVE_STRATEGIES,
-    STRATEGIES,
-    Constant,
-    Diminish,
-    Product,
-    Schedule,
-    Switch,
-    schedules_for,
-)
+from mt2st_lightning.policies import ADAPTIVE_STRATEGIES, STRATEGIES, Policy, policy_for, schedules_for
+from mt2st_lightning.schedules import Constant, Diminish, Product, Schedule, Switch
 
 __all__ = [
     "ADAPTIVE_STRATEGIES",
@@ -20,9 +12,11 @@ __all__ = [
     "Diminish",
     "MT2STCallback",
     "MT2STMixin",
+    "Policy",
     "Product",
     "Schedule",
     "Switch",
+    "policy_for",
     "schedules_for",
 ]
 __version__ = "0.1.0"

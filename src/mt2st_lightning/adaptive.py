@@ -7,6 +7,7 @@ callback. All of them return non-negative factors that sum to ``budget`` (``lamb
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -16,6 +17,8 @@ __all__ = [
     "ema",
     "fisher_trace_weights",
     "grad_norm_ratio_weights",
+    "gradient_alignment",
+    "gradient_cosines",
     "inverse_variance_weights",
     "squared_grad_norms",
 ]
@@ -53,23 +56,40 @@ def inverse_variance_weights(variances: Tensor, budget: float = 1.0, eps: float 
     return _normalise(1.0 / (variances.clamp_min(0) + eps), budget)
 
 
-def squared_grad_norms(losses: Sequence[Tensor], params: Sequence[Tensor], reduce: Reduce | None = None) -> Tensor:
-    """``||d loss_i / d params||^2`` for each loss, without touching ``.grad`` (the graph is retained).
+def squared_grad_norms(
+    losses: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    reduce: Reduce | None = None,
+    names: Sequence[str] | None = None,
+    what: str = "shared parameters",
+) -> Tensor:
+    """``||d loss_i / d inputs||^2`` for each loss, without touching ``.grad`` (the graph is retained).
 
-    The squared norm of the mini-batch gradient is the empirical Fisher-trace estimate used for eq. 14 and
-    the gradient norm of eq. 13. ``reduce`` averages the result over ranks, so that every rank derives the
-    same weights.
+    ``inputs`` are the shared parameters, or the shared representation ``h`` itself: autograd then runs only
+    the part of the graph between each loss and ``h``, that is one task head's backward per loss, and never
+    the encoder's. The squared norm of the mini-batch gradient is the empirical Fisher-trace estimate used for
+    eq. 14 and the gradient norm of eq. 13. A loss that does not require grad (e.g. a constant 0 for a batch
+    with no labels of that task) has norm 0. With ``names``, a loss that requires grad but does not reach
+    any input is an error naming its task (a detached ``h``, a head applied to something else). ``reduce``
+    averages the result over ranks, so that every rank derives the same weights.
     """
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        raise ValueError("no trainable shared parameters to measure task gradients on")
+    inputs = [x for x in inputs if x.requires_grad]
+    if not inputs:
+        raise ValueError(f"no {what} that require grad to measure task gradients on")
     out = []
-    for loss in losses:
-        if not loss.requires_grad:  # e.g. a constant 0 for a batch with no labels of that task
+    for i, loss in enumerate(losses):
+        if not loss.requires_grad:
             out.append(loss.new_zeros((), dtype=torch.float32))
             continue
-        grads = torch.autograd.grad(loss.float(), params, retain_graph=True, allow_unused=True)
+        # One call per task: each one runs that task's own part of the graph only. A single batched call
+        # (is_grads_batched) would run every task's part once per task.
+        grads = torch.autograd.grad(loss.float(), inputs, retain_graph=True, allow_unused=True)
         sq = [g.detach().float().pow(2).sum() for g in grads if g is not None]
+        if not sq and names is not None:
+            raise ValueError(
+                f"the loss of task {names[i]!r} does not depend on the {what} it is measured on; pass the "
+                "tensor the heads were applied to, not a detached copy"
+            )
         out.append(torch.stack(sq).sum() if sq else loss.new_zeros((), dtype=torch.float32))
     norms = torch.stack(out)
     return reduce(norms) if reduce is not None else norms
@@ -80,3 +100,58 @@ def ema(previous: Tensor | None, value: Tensor, decay: float) -> Tensor:
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"decay must lie in [0, 1), got {decay}")
     return value.detach().clone() if previous is None else decay * previous + (1.0 - decay) * value.detach()
+
+
+def gradient_alignment(
+    losses: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    reduce: Reduce | None = None,
+    names: Sequence[str] | None = None,
+    what: str = "shared representation",
+) -> Tensor:
+    """How each loss's gradient lines up with the first one's: a ``(2, n)`` float32 tensor whose row 0 holds
+    ``<g_0, g_i>`` and row 1 ``||g_i||^2``, with ``g_i = d losses[i] / d inputs`` (graph retained, ``.grad``
+    untouched).
+
+    With ``inputs = [h]``, the shared representation, autograd runs each task head's backward only. Dot
+    products and squared norms are reduced *before* any cosine is formed, so ``reduce`` (a mean over ranks)
+    gives every rank the cosine of the gradients over the global batch. A loss that does not require grad
+    has a zero gradient; with ``names``, one that requires grad but does not reach ``inputs`` is an error
+    naming its task.
+    """
+    inputs = [x for x in inputs if x.requires_grad]
+    if not inputs:
+        raise ValueError(f"no {what} that require grad to measure task gradients on")
+    zero = torch.zeros((), dtype=torch.float32, device=inputs[0].device)
+    first: list[Tensor | None] | None = None
+    columns = []
+    for i, loss in enumerate(losses):
+        grads: list[Tensor | None] | None = None
+        if loss.requires_grad:
+            raw = torch.autograd.grad(loss.float(), inputs, retain_graph=True, allow_unused=True)
+            grads = [None if g is None else g.detach().float() for g in raw]
+            if all(g is None for g in grads):
+                if names is not None:
+                    raise ValueError(
+                        f"the loss of task {names[i]!r} does not depend on the {what} it is measured on; pass "
+                        "the tensor the heads were applied to, not a detached copy"
+                    )
+                grads = None
+        if i == 0:
+            first = grads
+        pairs = [(a, b) for a, b in zip(first or (), grads or ()) if a is not None and b is not None]
+        dot = torch.stack([(a * b).sum() for a, b in pairs]).sum() if pairs else zero
+        squares = [g.pow(2).sum() for g in grads or () if g is not None]
+        columns.append(torch.stack([dot, torch.stack(squares).sum() if squares else zero]))
+    stats = torch.stack(columns, dim=1)
+    return reduce(stats) if reduce is not None else stats
+
+
+def gradient_cosines(stats: Tensor) -> Tensor:
+    """``cos(g_0, g_i)`` for ``i >= 1`` from :func:`gradient_alignment`'s statistics, in float64; NaN where
+    either gradient is zero (it has no direction)."""
+    stats = stats.double()
+    norms = stats[1].clamp_min(0).sqrt()
+    denominator = norms[0] * norms[1:]  # the product of the norms, not of the squares: that overflows first
+    cosines = stats[0, 1:] / denominator
+    return torch.where(denominator > 0, cosines.clamp(-1.0, 1.0), torch.full_like(cosines, math.nan))

@@ -11,27 +11,18 @@ below a pruning threshold) for good, and the task's head may leave the computati
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 __all__ = [
-    "STRATEGIES",
-    "ADAPTIVE_STRATEGIES",
     "Constant",
     "Diminish",
     "Product",
     "Schedule",
     "Switch",
-    "schedules_for",
 ]
-
-#: Every strategy name :func:`schedules_for` (and so ``MT2STCallback``) accepts.
-SCHEDULE_STRATEGIES = ("stl", "mtl", "diminish", "switch")
-#: Strategies whose weights are a schedule times a factor measured during training (see ``adaptive.py``).
-ADAPTIVE_STRATEGIES = ("gradnorm", "fisher", "noise")
-STRATEGIES = SCHEDULE_STRATEGIES + ADAPTIVE_STRATEGIES
 
 
 class Schedule(ABC):
@@ -48,10 +39,23 @@ class Schedule(ABC):
     def validate(self, total: float | None) -> None:
         """Raise ``ValueError`` if the schedule cannot be carried out in a run of ``total`` units."""
 
+    def bind(self, total: float | None) -> Schedule:
+        """This schedule with every fraction of the run resolved against ``total``, once, to an absolute time.
+        Raise ``ValueError`` if a fraction cannot be resolved (unknown length)."""
+        return self
+
     def __mul__(self, other: Schedule) -> Product:
         if not isinstance(other, Schedule):
             return NotImplemented
         return Product((self, other))
+
+
+def as_number(value: Any) -> Any:
+    """A NumPy (or any ``numbers``) integer or float scalar as the Python ``int``/``float`` it stands for;
+    anything else (bools included) unchanged, for the caller to refuse."""
+    if isinstance(value, (bool, int, float)) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def _check_finite_non_negative(name: str, value: float) -> None:
@@ -61,6 +65,12 @@ def _check_finite_non_negative(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
+def _coerce(schedule: Schedule, *names: str) -> None:
+    # Frozen dataclasses: NumPy scalars become Python numbers before validation (np.int64 is not an int).
+    for name in names:
+        object.__setattr__(schedule, name, as_number(getattr(schedule, name)))
+
+
 @dataclass(frozen=True)
 class Constant(Schedule):
     """``gamma(t) = value``. ``Constant(1.0)`` is plain multi-task learning, ``Constant(0.0)`` single-task."""
@@ -68,6 +78,7 @@ class Constant(Schedule):
     value: float = 1.0
 
     def __post_init__(self) -> None:
+        _coerce(self, "value")
         _check_finite_non_negative("Constant.value", self.value)
 
     def __call__(self, t: float, total: float | None = None) -> float:
@@ -91,6 +102,7 @@ class Diminish(Schedule):
     prune_below: float | None = None
 
     def __post_init__(self) -> None:
+        _coerce(self, "gamma0", "eta", "nu", "prune_below")
         _check_finite_non_negative("Diminish.gamma0", self.gamma0)
         _check_finite_non_negative("Diminish.eta", self.eta)
         _check_finite_non_negative("Diminish.nu", self.nu)
@@ -144,6 +156,7 @@ class Switch(Schedule):
     gamma0: float = 1.0
 
     def __post_init__(self) -> None:
+        _coerce(self, "at", "gamma0")
         _check_finite_non_negative("Switch.gamma0", self.gamma0)
         if isinstance(self.at, bool) or not isinstance(self.at, (int, float)):
             raise TypeError(f"Switch.at must be an int (step or epoch) or a float in (0, 1), got {self.at!r}")
@@ -171,6 +184,10 @@ class Switch(Schedule):
 
     def finished(self, t: float, total: float | None = None) -> bool:
         return self.gamma0 == 0 or t >= self.switch_time(total)
+
+    def bind(self, total: float | None) -> Switch:
+        """An absolute switch point: a fraction of the run is rounded to a step (or epoch) here, once."""
+        return self if isinstance(self.at, int) else Switch(at=self.switch_time(total), gamma0=self.gamma0)
 
     def validate(self, total: float | None) -> None:
         at = self.switch_time(total)
@@ -207,64 +224,5 @@ class Product(Schedule):
         for f in self.factors:
             f.validate(total)
 
-
-Param = Union[float, int, None, Mapping[str, Union[float, int, None]]]
-
-
-def _per_task(name: str, value: Param, task: str, tasks: Sequence[str]) -> float | int | None:
-    if isinstance(value, Mapping):
-        unknown = sorted(set(value) - set(tasks))
-        if unknown:
-            raise ValueError(f"{name} names unknown auxiliary task(s) {unknown}; the tasks are {list(tasks)}")
-        if task not in value:
-            raise ValueError(f"{name} gives no value for auxiliary task {task!r}; give one for each of {list(tasks)}")
-        return value[task]
-    return value
-
-
-def schedules_for(
-    strategy: str,
-    tasks: Sequence[str],
-    *,
-    gamma0: Param = 1.0,
-    eta: Param = 0.01,
-    nu: Param = 1.0,
-    switch_at: Param = None,
-    prune_below: Param = None,
-) -> dict[str, Schedule]:
-    """One schedule per auxiliary task for a named MT2ST strategy.
-
-    Every numeric argument is one value for all tasks, or a mapping from task name to its own value.
-
-    - ``stl``: weight 0 from the start; the auxiliary heads never run.
-    - ``mtl``: constant weight ``gamma0``.
-    - ``diminish``: ``gamma0 * exp(-eta * t ** nu)``, finished below ``prune_below`` if given.
-    - ``switch``: ``gamma0`` before ``switch_at``, 0 from it on.
-    - ``gradnorm`` / ``fisher`` / ``noise``: the envelope the adaptive factor is multiplied with:
-      ``Switch(switch_at, gamma0)`` if ``switch_at`` is given, else ``Constant(gamma0)``.
-    """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown MT2ST strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    out: dict[str, Schedule] = {}
-    for task in tasks:
-        g0 = _per_task("gamma0", gamma0, task, tasks)
-        at = _per_task("switch_at", switch_at, task, tasks)
-        _check_finite_non_negative("gamma0", g0)
-        if strategy == "stl":
-            out[task] = Constant(0.0)
-        elif strategy == "mtl":
-            out[task] = Constant(g0)
-        elif strategy == "diminish":
-            out[task] = Diminish(
-                gamma0=g0,
-                eta=_per_task("eta", eta, task, tasks),
-                nu=_per_task("nu", nu, task, tasks),
-                prune_below=_per_task("prune_below", prune_below, task, tasks),
-            )
-        elif strategy == "switch":
-            if at is None:
-                raise ValueError("strategy='switch' needs switch_at: an int step (or epoch) or a fraction in (0, 1)")
-            out[task] = Switch(at=at, gamma0=g0)
-        else:  # adaptive: the schedule is the envelope
-            out[task] = Constant(g0) if at is None else Switch(at=at, gamma0=g0)
-    return out
+    def bind(self, total: float | None) -> Product:
+        return Product(tuple(f.bind(total) for f in self.factors))
