@@ -1,0 +1,278 @@
+"""``PlateauSwitch``: drop the auxiliary heads once the primary task stops improving (beyond the paper).
+
+MT2ST names a predefined switch point as its main limitation: nobody knows step 150 in advance, but everybody
+can say "when the validation metric stops improving". This policy counts that exactly as Lightning's
+``EarlyStopping`` counts it, and switches to single-task training where ``EarlyStopping`` would stop.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from mt2st_lightning.policies.base import Policy, Reducer
+
+__all__ = ["PlateauSwitch"]
+
+Time = int | float | None
+
+
+class PlateauSwitch(Policy):
+    r"""Drop every auxiliary head at the first step after the validation check at which ``monitor`` has not
+    improved for ``patience`` checks.
+
+    Improvement is counted as :class:`~lightning.pytorch.callbacks.EarlyStopping` counts it: a check improves
+    when its value is strictly better than the best so far by more than ``min_delta``
+    (``current - min_delta > best`` in ``"max"`` mode, ``current + min_delta < best`` in ``"min"`` mode);
+    otherwise the wait count grows, and the switch is decided when it reaches ``patience``. Each rank decides
+    on the value it sees and the decision is then made true on every rank if it is true on any, as
+    ``EarlyStopping`` does (``reduce_boolean_decision(..., all=False)``), so all ranks drop at the same step.
+
+    Args:
+        monitor: the key of a metric logged during validation, e.g. ``"val/loss"`` or
+            ``"val/primary_metric"``.
+        mode: ``"min"`` (default, as ``EarlyStopping``) or ``"max"``: the direction in which ``monitor``
+            improves.
+        patience: how many validation checks without improvement decide the switch (an int >= 1).
+        min_delta: an improvement must exceed this (>= 0).
+        min_step: never drop before this time (an int step/epoch in the callback's ``unit``, or a float in
+            (0, 1): a fraction of the run). A plateau found earlier drops the heads at ``min_step``, as the
+            ``Trainer`` honours ``EarlyStopping``'s signal once ``min_steps`` is reached.
+        max_step: drop at this time at the latest, plateau or not (same forms as ``min_step``).
+        gamma0: the auxiliary weight until the switch; one value or a ``{task: value}`` mapping.
+
+    A non-finite monitored value (NaN, inf) never becomes the best and counts as a check without
+    improvement, with a warning: a diverged metric is a plateau, not progress.
+
+    Attributes:
+        decided_at: the time of the validation check that decided the switch (``None`` until then).
+        fired_at: the time at which the heads were dropped (``None`` until then); the callback logs it as
+            ``mt2st/dropped_at/<task>``.
+        best_score, wait_count: as in ``EarlyStopping``; saved in checkpoints with ``decided_at`` and
+            ``fired_at``, so that a run resumed in the middle of a wait switches at the same step.
+    """
+
+    name = "plateau"
+    mode_dict: ClassVar[dict[str, Any]] = {"min": torch.lt, "max": torch.gt}
+
+    def __init__(
+        self,
+        monitor: str | None = None,
+        mode: Literal["min", "max"] = "min",
+        patience: int = 3,
+        min_delta: float = 0.0,
+        min_step: Time = None,
+        max_step: Time = None,
+        gamma0: float | Mapping[str, float] = 1.0,
+    ) -> None:
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(
+                "strategy='plateau' needs monitor=<the key of a metric logged in validation>, e.g. "
+                "monitor='val/loss', mode='min' or monitor='val/primary_metric', mode='max'"
+            )
+        if mode not in self.mode_dict:
+            raise ValueError(
+                f"mode must be 'min' or 'max' (the direction in which {monitor!r} improves), got {mode!r}"
+            )
+        if not _is_int(patience) or patience < 1:
+            raise ValueError(
+                f"patience must be an int >= 1 (validation checks without improvement), got {patience!r}"
+            )
+        if not _is_real(min_delta) or not math.isfinite(min_delta) or min_delta < 0:
+            raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
+        for name, value in (("min_step", min_step), ("max_step", max_step)):
+            _check_time(name, value)
+        if _is_int(min_step) and _is_int(max_step) and min_step > max_step:
+            raise ValueError(f"min_step={min_step} lies after max_step={max_step}")
+        _check_gamma0(gamma0)
+        self.monitor = monitor
+        self.mode = mode
+        self.patience = int(patience)
+        self.min_delta = float(min_delta)
+        self.min_step = min_step
+        self.max_step = max_step
+        self.gamma0 = dict(gamma0) if isinstance(gamma0, Mapping) else float(gamma0)
+        # Resolved by bind().
+        self._gamma0: dict[str, float] = {}
+        self._min_time = 0
+        self._max_time: int | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.best_score = torch.tensor(math.inf if self.mode == "min" else -math.inf)
+        self.wait_count = 0
+        self.decided_at: int | None = None
+        self.fired_at: int | None = None
+        self._warned_nonfinite = False
+
+    @property
+    def monitor_op(self) -> Any:
+        return self.mode_dict[self.mode]
+
+    # ------------------------------------------------------------------ once per fit
+    def bind(self, tasks: Sequence[str], total: float | None, unit: str) -> None:
+        self._reset()  # a fresh count for every fit; a resumed fit loads the checkpoint's right after
+        self._gamma0 = _per_task_gamma0(self.gamma0, tasks)
+        self._min_time = _resolve("min_step", self.min_step, total, unit) or 0
+        self._max_time = _resolve("max_step", self.max_step, total, unit)
+        if self._max_time is not None and self._min_time > self._max_time:
+            raise ValueError(
+                f"min_step resolves to {unit} {self._min_time}, after max_step at {unit} {self._max_time}; "
+                "lower min_step or raise max_step"
+            )
+        if (
+            self._max_time is not None
+            and total is not None
+            and math.isfinite(total)
+            and self._max_time >= total
+        ):
+            raise ValueError(
+                f"max_step resolves to {unit} {self._max_time}, at or beyond the run's end ({int(total)} {unit}s, "
+                f"numbered 0 to {int(total) - 1}): it would never force the switch; lower it or leave it None"
+            )
+
+    # ------------------------------------------------------------------ each optimizer-step boundary
+    def weights(self, t: int, active: Sequence[str]) -> Mapping[str, float]:
+        return {task: self._gamma0[task] for task in active}
+
+    def finished(self, t: int, active: Sequence[str]) -> Collection[str]:
+        if not active:
+            return ()
+        plateaued = self.decided_at is not None and t >= self._min_time
+        forced = self._max_time is not None and t >= self._max_time
+        if not (plateaued or forced):
+            return ()
+        if self.fired_at is None:
+            self.fired_at = t
+        return tuple(active)
+
+    # ------------------------------------------------------------------ after each validation run
+    def observe_validation(self, t: int, metrics: Mapping[str, Tensor | float], reduce: Reducer) -> None:
+        if self.decided_at is not None or self.fired_at is not None:
+            return  # decided on every rank alike (the decision was reduced), so every rank returns here
+        if self.monitor not in metrics:
+            logged = ", ".join(f"'{k}'" for k in metrics) or "none"
+            raise KeyError(
+                f"MT2ST (plateau) monitors {self.monitor!r}, which this validation run did not log. Logged keys: "
+                f"{logged}. Pass one of them as monitor=..., or log {self.monitor!r} in validation_step."
+            )
+        current = torch.as_tensor(metrics[self.monitor]).detach().squeeze().cpu()
+        if current.numel() != 1:
+            raise ValueError(
+                f"MT2ST (plateau): monitor {self.monitor!r} must be a scalar, got shape {tuple(current.shape)}"
+            )
+        plateau = self._plateau_after(current)
+        # Every rank must drop at the same step: a plateau on any rank is a plateau on all (as EarlyStopping).
+        if reduce.any(plateau):
+            self.decided_at = t
+            rank_zero_info(
+                f"MT2ST (plateau): {self.monitor} did not improve in {self.wait_count} validation checks "
+                f"(best {float(self.best_score):.6g}); the auxiliary heads leave at step {max(t, self._min_time)}"
+            )
+
+    def _plateau_after(self, current: Tensor) -> bool:
+        """Count one check, as ``EarlyStopping._evaluate_stopping_criteria`` does, and say whether the wait is over."""
+        if not torch.isfinite(current):
+            if not self._warned_nonfinite:
+                self._warned_nonfinite = True
+                rank_zero_warn(
+                    f"MT2ST (plateau): {self.monitor} = {float(current)} is not finite; it counts as a validation "
+                    "check without improvement"
+                )
+        else:
+            delta = self.min_delta if self.mode == "max" else -self.min_delta
+            if self.monitor_op(current - delta, self.best_score):
+                self.best_score = current.clone()
+                self.wait_count = 0
+                return False
+        self.wait_count += 1
+        return self.wait_count >= self.patience
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "best_score": self.best_score.clone(),
+            "wait_count": self.wait_count,
+            "decided_at": self.decided_at,
+            "fired_at": self.fired_at,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("monitor") != self.monitor or state.get("mode") != self.mode:
+            raise ValueError(
+                f"the checkpoint's plateau switch monitored {state.get('monitor')!r} (mode {state.get('mode')!r}); "
+                f"this one monitors {self.monitor!r} (mode {self.mode!r}): resume with the settings the run started with"
+            )
+        self.best_score = torch.as_tensor(state["best_score"]).clone()
+        self.wait_count = int(state["wait_count"])
+        self.decided_at = state["decided_at"]
+        self.fired_at = state["fired_at"]
+
+
+# ---------------------------------------------------------------------- parameter checks (shared with conflict.py)
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_time(name: str, value: Time) -> None:
+    if value is None:
+        return
+    if _is_int(value):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    elif _is_real(value):
+        if not 0.0 < value < 1.0:
+            raise ValueError(
+                f"{name}={value!r}: a float is a fraction of the run and must lie in (0, 1); "
+                "pass an int for an absolute step (or epoch)"
+            )
+    else:
+        raise TypeError(
+            f"{name} must be an int step (or epoch), a fraction of the run in (0, 1), or None; got {value!r}"
+        )
+
+
+def _resolve(name: str, value: Time, total: float | None, unit: str) -> int | None:
+    """An int time as it is; a fraction of the run resolved against its planned length, rounded as ``Switch``."""
+    if value is None or _is_int(value):
+        return None if value is None else int(value)
+    if total is None or not math.isfinite(total):
+        raise ValueError(
+            f"{name}={value} is a fraction of the run, but the run's length is unknown; set Trainer(max_steps=...) "
+            f"or Trainer(max_epochs=...), or give an int {unit}"
+        )
+    return round(float(value) * float(total))
+
+
+def _check_gamma0(gamma0: Any) -> None:
+    values = gamma0.values() if isinstance(gamma0, Mapping) else (gamma0,)
+    for v in values:
+        if not _is_real(v) or not math.isfinite(v) or v < 0:
+            raise ValueError(
+                f"gamma0 must be a finite number >= 0 (or a {{task: number}} mapping), got {gamma0!r}"
+            )
+
+
+def _per_task_gamma0(gamma0: float | Mapping[str, float], tasks: Sequence[str]) -> dict[str, float]:
+    if not isinstance(gamma0, Mapping):
+        return {task: float(gamma0) for task in tasks}
+    unknown, missing = sorted(set(gamma0) - set(tasks)), sorted(set(tasks) - set(gamma0))
+    if unknown:
+        raise ValueError(f"gamma0 names unknown auxiliary task(s) {unknown}; the tasks are {list(tasks)}")
+    if missing:
+        raise ValueError(
+            f"gamma0 gives no value for auxiliary task(s) {missing}; give one for each of {list(tasks)}"
+        )
+    return {task: float(gamma0[task]) for task in tasks}

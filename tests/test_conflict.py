@@ -1,0 +1,269 @@
+"""``ConflictSwitch`` (strategy="conflict") and its gradient helpers: each auxiliary task leaves once its gradient
+on the shared features keeps opposing the primary task's."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.testing import assert_close
+
+from mt2st_lightning.adaptive import gradient_alignment, gradient_cosines
+from mt2st_lightning.policies.conflict import ConflictSwitch
+from mt2st_lightning.step_record import StepRecord
+
+SETTINGS = settings(max_examples=100, deadline=None)
+TASKS = ("agree", "fight", "side")
+
+
+class OneRank:
+    def mean(self, value):
+        return value
+
+    def all(self, decision):
+        return bool(decision)
+
+    def any(self, decision):
+        return bool(decision)
+
+
+class TwoRanks(OneRank):
+    """Averages this rank's statistics with a fixed tensor from another rank, as an all-reduce mean does."""
+
+    def __init__(self, other: torch.Tensor) -> None:
+        self.other = other
+
+    def mean(self, value):
+        return (value + self.other) / 2
+
+
+# ------------------------------------------------------------------------------ the gradient helpers
+def test_alignment_and_cosines_hand_computed():
+    h = torch.randn(2, 3, requires_grad=True)
+    a, b, c = torch.tensor([1.0, 2.0, 0.0]), torch.tensor([-2.0, 1.0, 0.0]), torch.tensor([-1.0, -2.0, 0.0])
+    losses = [(h * a).sum(), (h * b).sum(), (h * c).sum(), torch.tensor(3.0)]  # the last has no gradient
+    stats = gradient_alignment(losses, [h])
+    # Each gradient is the coefficient row repeated for both samples: <g_a, g_b> = 2 * (a . b).
+    assert_close(stats[0], torch.tensor([10.0, 0.0, -10.0, 0.0]))
+    assert_close(stats[1], torch.tensor([10.0, 10.0, 10.0, 0.0]))
+    cos = gradient_cosines(stats)
+    assert cos.dtype == torch.float64
+    assert_close(cos[:2], torch.tensor([0.0, -1.0], dtype=torch.float64))
+    assert math.isnan(cos[2])  # a zero gradient has no direction
+    assert h.grad is None  # measuring never touches .grad
+
+
+def test_gradients_on_the_features_never_run_the_encoder_backward():
+    encoder = nn.Linear(4, 8)
+    calls = []
+    encoder.weight.register_hook(lambda grad: calls.append(1))
+    h = encoder(torch.randn(5, 4))
+    heads = [nn.Linear(8, 1) for _ in range(3)]
+    losses = [head(h).pow(2).mean() for head in heads]
+    gradient_alignment(losses, [h])
+    assert calls == []
+    losses[0].backward()
+    assert calls == [1]  # the hook works: an ordinary backward does reach the encoder
+
+
+def test_a_loss_that_does_not_reach_the_features_names_its_task():
+    h = torch.randn(3, 2, requires_grad=True)
+    other = torch.randn(3, 2, requires_grad=True)
+    with pytest.raises(ValueError, match="loss of task 'side' does not depend on the shared features"):
+        gradient_alignment([h.sum(), other.sum()], [h], names=["label", "side"], what="shared features")
+
+
+@SETTINGS
+@given(
+    coefficients=st.lists(st.floats(-10, 10), min_size=9, max_size=9),
+    scale=st.sampled_from([1.0, 2.0**-8, 2.0**16]),
+)
+def test_cosines_lie_in_range_and_ignore_the_loss_scale(coefficients, scale):
+    h = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor(coefficients, dtype=torch.float64).reshape(3, 3)
+    losses = [(h @ row).sum() for row in rows]
+    plain = gradient_cosines(gradient_alignment(losses, [h]))
+    scaled = gradient_cosines(gradient_alignment([loss * scale for loss in losses], [h]))
+    finite = ~torch.isnan(plain)
+    assert torch.equal(finite, ~torch.isnan(scaled))
+    assert (plain[finite].abs() <= 1).all()
+    assert_close(plain[finite], scaled[finite], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ the policy
+class Heads:
+    """Shared features h and one linear loss per task whose gradient on h is a chosen direction."""
+
+    def __init__(self, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.h = torch.randn(6, 4, generator=g, requires_grad=True)
+        self.u = torch.randn(4, generator=g)
+        self.v = torch.randn(4, generator=g)
+        self.v = self.v - (self.v @ self.u) / (self.u @ self.u) * self.u  # orthogonal to u: cosine 0
+
+    def record(
+        self, directions: dict[str, torch.Tensor], loss_scale: float = 1.0, features=True
+    ) -> StepRecord:
+        losses = {"label": (self.h @ self.u).mean()}
+        losses.update({task: (self.h @ d).mean() for task, d in directions.items()})
+        total = sum(losses.values())
+        return StepRecord(
+            losses=losses, features=self.h if features else None, total=total, loss_scale=loss_scale
+        )
+
+
+def measure(policy: ConflictSwitch, record: StepRecord, t: int, reduce=None) -> tuple[str, ...]:
+    """One step boundary at t, then (if the policy asks) one observed step: what it drops at t."""
+    active = tuple(task for task in TASKS if task not in policy.fired_at)
+    done = tuple(policy.finished(t, active))
+    policy.weights(t, tuple(task for task in active if task not in done))
+    if policy.wants_step(t):
+        policy.observe_step(t, record, reduce or OneRank())
+    return done
+
+
+def test_a_fighting_task_leaves_after_window_measurements_the_others_stay():
+    heads = Heads()
+    policy = ConflictSwitch(threshold=0.0, window=3, adapt_every=2)
+    policy.bind(TASKS, total=None, unit="step")
+    record = heads.record({"agree": heads.u * 0.5, "fight": -heads.u + 0.1 * heads.v, "side": heads.v})
+    dropped = {}
+    for t in range(12):
+        fight_active = "fight" not in policy.fired_at
+        rec = record if fight_active else heads.record({"agree": heads.u * 0.5, "side": heads.v})
+        for task in measure(policy, rec, t):
+            dropped[task] = t
+    # Measured at steps 0, 2, 4: the third conflicting measurement is at step 4, the drop at the next boundary.
+    assert dropped == {"fight": 5} and policy.fired_at == {"fight": 5}
+    assert policy.last_cosines["agree"] == pytest.approx(1.0)
+    assert policy.last_cosines["fight"] < -0.9
+    # The orthogonal task's cosine is 0 up to rounding, i.e. maybe just below the threshold 0: its count moves
+    # on noise alone, so nothing is asserted about it beyond the value.
+    assert abs(policy.last_cosines["side"]) < 1e-5
+    assert policy.conflict_counts["agree"] == 0 and policy.conflict_counts["fight"] == 3
+
+
+def test_one_agreeing_measurement_resets_the_count():
+    heads = Heads()
+    policy = ConflictSwitch(threshold=0.5, window=2, adapt_every=1)
+    policy.bind(("agree",), total=None, unit="step")
+    fights, agrees = heads.record({"agree": -heads.u}), heads.record({"agree": heads.u})
+    for t, rec in enumerate([fights, agrees, fights, agrees, fights]):
+        assert policy.finished(t, ("agree",)) == ()
+        policy.weights(t, ("agree",))
+        policy.observe_step(t, rec, OneRank())
+    assert policy.conflict_counts == {"agree": 1}
+    policy.observe_step(5, fights, OneRank())
+    assert policy.finished(6, ("agree",)) == ("agree",)
+
+
+def test_cosines_are_formed_after_the_ranks_average_their_statistics():
+    heads = Heads()
+    policy = ConflictSwitch(threshold=0.0, window=1, adapt_every=1)
+    policy.bind(("fight",), total=None, unit="step")
+    record = heads.record({"fight": -heads.u})  # locally: cosine -1
+    local = gradient_alignment(list(record.losses.values()), [heads.h])
+    # The other rank's gradients agree strongly (dot +3x the local one's size): the global cosine is positive.
+    other = torch.stack([torch.stack([local[0, 0], -3 * local[0, 1]]), local[1]])
+    policy.weights(0, ("fight",))
+    policy.observe_step(0, record, TwoRanks(other))
+    assert policy.last_cosines["fight"] == pytest.approx(1.0)  # (-1 + 3) / 2 over norms averaged to the same
+    assert policy.conflict_counts["fight"] == 0 and policy.finished(1, ("fight",)) == ()
+
+
+def test_an_overflowed_measurement_is_ignored():
+    heads = Heads()
+    policy = ConflictSwitch(threshold=0.0, window=1, adapt_every=1)
+    policy.bind(("fight",), total=None, unit="step")
+    policy.weights(0, ("fight",))
+    policy.observe_step(0, heads.record({"fight": -heads.u}, loss_scale=math.inf), OneRank())
+    assert policy.conflict_counts == {} and policy.last_cosines == {}
+    assert policy.finished(1, ("fight",)) == ()
+
+
+def test_a_zero_gradient_leaves_the_count_as_it_was():
+    heads = Heads()
+    policy = ConflictSwitch(threshold=0.0, window=2, adapt_every=1)
+    policy.bind(("fight",), total=None, unit="step")
+    policy.weights(0, ("fight",))
+    policy.observe_step(0, heads.record({"fight": -heads.u}), OneRank())
+    policy.observe_step(1, heads.record({"fight": torch.zeros(4)}), OneRank())
+    assert math.isnan(policy.last_cosines["fight"]) and policy.conflict_counts == {"fight": 1}
+
+
+def test_missing_features_say_how_to_hand_them_over():
+    heads = Heads()
+    policy = ConflictSwitch()
+    policy.bind(("fight",), total=None, unit="step")
+    policy.weights(0, ("fight",))
+    with pytest.raises(RuntimeError, match=r"mt2st_loss\(losses, features=h\)"):
+        policy.observe_step(0, heads.record({"fight": -heads.u}, features=False), OneRank())
+
+
+def test_measures_every_adapt_every_steps_while_a_task_is_active():
+    policy = ConflictSwitch(adapt_every=5)
+    policy.bind(("side",), total=None, unit="step")
+    policy.weights(0, ("side",))
+    assert [t for t in range(12) if policy.wants_step(t)] == [0, 5, 10]
+    policy.weights(12, ())
+    assert not policy.wants_step(15)  # single-task: nothing left to measure
+
+
+def test_a_resume_continues_the_counts():
+    heads = Heads()
+    record = heads.record({"fight": -heads.u})
+    first = ConflictSwitch(window=3, adapt_every=1)
+    first.bind(("fight",), total=None, unit="step")
+    for t in range(2):
+        measure_one(first, record, t)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = ConflictSwitch(window=3, adapt_every=1)
+    resumed.bind(("fight",), total=None, unit="step")  # a resumed fit binds, then gets the checkpoint's state
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    resumed.weights(2, ("fight",))
+    assert resumed.conflict_counts == {"fight": 2}
+    assert measure_one(resumed, record, 2) == ()
+    assert measure_one(resumed, record, 3) == ("fight",) and resumed.fired_at == {"fight": 3}
+    first.bind(("fight",), total=None, unit="step")  # a second fit without a checkpoint starts from 0
+    assert first.conflict_counts == {} and first.fired_at == {}
+
+
+def measure_one(policy: ConflictSwitch, record: StepRecord, t: int) -> tuple[str, ...]:
+    done = tuple(policy.finished(t, ("fight",)))
+    policy.weights(t, () if done else ("fight",))
+    if policy.wants_step(t):
+        policy.observe_step(t, record, OneRank())
+    return done
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"threshold": 1.5}, r"threshold must be a cosine in \[-1, 1\]"),
+        ({"threshold": "0"}, r"threshold must be a cosine"),
+        ({"window": 0}, "window must be an int >= 1"),
+        ({"window": 2.0}, "window must be an int >= 1"),
+        ({"adapt_every": True}, "adapt_every must be an int >= 1"),
+        ({"gamma0": math.nan}, "gamma0 must be a finite number >= 0"),
+    ],
+)
+def test_bad_parameters_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ConflictSwitch(**kwargs)
+
+
+def test_numpy_scalars_are_numbers():
+    policy = ConflictSwitch(
+        threshold=np.float32(-0.25), window=np.int64(2), adapt_every=np.int32(3), gamma0=np.float64(2)
+    )
+    policy.bind(("side",), total=None, unit="step")
+    assert (policy.threshold, policy.window, policy.adapt_every) == (-0.25, 2, 3)
+    assert policy.weights(0, ("side",)) == {"side": 2.0}

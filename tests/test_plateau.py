@@ -1,0 +1,286 @@
+"""``PlateauSwitch`` (strategy="plateau"): drops the auxiliary heads where Lightning's EarlyStopping would stop.
+
+The reference is Lightning's own ``EarlyStopping``, driven through its public ``on_validation_end`` hook, not a
+copy of its logic.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.trainer.states import TrainerFn
+
+from mt2st_lightning.policies.plateau import PlateauSwitch
+
+SETTINGS = settings(max_examples=300, deadline=None)
+TASKS = ("recon", "parity")
+KEY = "val/score"
+
+
+class OneRank:
+    """The reducer of a single device: every decision is the local one."""
+
+    def __init__(self) -> None:
+        self.any_calls: list[bool] = []
+
+    def mean(self, value):
+        return value
+
+    def all(self, decision: bool) -> bool:
+        return bool(decision)
+
+    def any(self, decision: bool) -> bool:
+        self.any_calls.append(bool(decision))
+        return bool(decision)
+
+
+class OtherRankPlateaued(OneRank):
+    """Two ranks, the other one of which has run out of patience."""
+
+    def any(self, decision: bool) -> bool:
+        super().any(decision)
+        return True
+
+
+def early_stopping_check(values, *, mode, patience, min_delta):
+    """The index of the validation check at which Lightning's EarlyStopping signals the trainer to stop."""
+    es = EarlyStopping(
+        monitor=KEY,
+        mode=mode,
+        patience=patience,
+        min_delta=min_delta,
+        check_finite=False,
+        check_on_train_epoch_end=False,
+    )
+    for i, value in enumerate(values):
+        trainer = SimpleNamespace(
+            callback_metrics={KEY: value},
+            fast_dev_run=False,
+            should_stop=False,
+            current_epoch=i,
+            sanity_checking=False,
+            state=SimpleNamespace(fn=TrainerFn.FITTING),
+            global_rank=0,
+            world_size=1,
+            strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision),
+        )
+        es.on_validation_end(trainer, None)
+        if trainer.should_stop:
+            return i
+    return None
+
+
+def plateau_check(policy: PlateauSwitch, values, start: int = 0, reduce=None) -> int | None:
+    """Feed validation checks 0, 1, ... (check i at step 10 * i) and return the index of the deciding one."""
+    reduce = reduce or OneRank()
+    for i, value in enumerate(values, start=start):
+        policy.observe_validation(10 * i, {KEY: value, "val/loss": torch.tensor(0.0)}, reduce)
+        if policy.decided_at is not None:
+            return policy.decided_at // 10
+    return None
+
+
+# Halves and a few float32 neighbours: ties, and exact "improved by min_delta" boundaries, happen often.
+metric_values = st.one_of(
+    st.integers(-6, 6).map(lambda v: v / 2),
+    st.floats(min_value=-3, max_value=3, width=32),
+    st.just(1.0 + 2**-23),
+    st.just(math.nan),
+).map(lambda v: torch.tensor(v, dtype=torch.float32))
+sequences = st.lists(metric_values, min_size=1, max_size=25)
+modes = st.sampled_from(["min", "max"])
+patiences = st.integers(1, 5)
+min_deltas = st.sampled_from([0.0, 0.25, 0.5, 1.0, 2**-23, 1e-7])
+
+
+# ------------------------------------------------------------------------------ the EarlyStopping property
+@pytest.mark.filterwarnings("ignore:.*is not finite")
+@SETTINGS
+@given(values=sequences, mode=modes, patience=patiences, min_delta=min_deltas)
+# In float32, as EarlyStopping computes, 1 + 2**-23 (the next float after 1) minus 1e-7 rounds back to 1: no
+# improvement over 1, though there is one in float64.
+@example(values=[torch.tensor(1.0), torch.tensor(1.0 + 2**-23)], mode="max", patience=1, min_delta=1e-7)
+@example(values=[torch.tensor(1.0 + 2**-23), torch.tensor(1.0)], mode="min", patience=1, min_delta=1e-7)
+def test_decides_exactly_where_early_stopping_stops(values, mode, patience, min_delta):
+    policy = PlateauSwitch(KEY, mode=mode, patience=patience, min_delta=min_delta)
+    policy.bind(TASKS, total=None, unit="step")
+    decided = plateau_check(policy, values)
+    assert decided == early_stopping_check(values, mode=mode, patience=patience, min_delta=min_delta)
+
+
+@pytest.mark.filterwarnings("ignore:.*is not finite")
+@SETTINGS
+@given(values=sequences, mode=modes, patience=patiences, min_delta=min_deltas, cut=st.integers(0, 25))
+def test_a_resume_mid_wait_decides_at_the_same_check(values, mode, patience, min_delta, cut):
+    cut = min(cut, len(values))
+    uninterrupted = PlateauSwitch(KEY, mode=mode, patience=patience, min_delta=min_delta)
+    uninterrupted.bind(TASKS, total=None, unit="step")
+    expected = plateau_check(uninterrupted, values)
+
+    first = PlateauSwitch(KEY, mode=mode, patience=patience, min_delta=min_delta)
+    first.bind(TASKS, total=None, unit="step")
+    decided = plateau_check(first, values[:cut])
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)  # through a checkpoint's serialisation
+    buffer.seek(0)
+    resumed = PlateauSwitch(KEY, mode=mode, patience=patience, min_delta=min_delta)
+    resumed.bind(TASKS, total=None, unit="step")  # a resumed fit binds, then gets the checkpoint's state
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.wait_count == first.wait_count and torch.equal(resumed.best_score, first.best_score)
+    if decided is None:
+        decided = plateau_check(resumed, values[cut:], start=cut)
+    assert decided == expected
+
+
+def test_the_first_step_after_the_deciding_check_drops_every_active_head():
+    policy = PlateauSwitch(KEY, mode="max", patience=2, gamma0={"recon": 0.5, "parity": 2.0})
+    policy.bind(TASKS, total=100, unit="step")
+    reduce = OneRank()
+    for t, value in [(10, 0.5), (20, 0.6), (30, 0.6)]:
+        policy.observe_validation(t, {KEY: torch.tensor(value)}, reduce)
+        assert policy.finished(t, TASKS) == ()
+        assert policy.weights(t, TASKS) == {"recon": 0.5, "parity": 2.0}
+    assert policy.wait_count == 1 and policy.decided_at is None
+    policy.observe_validation(40, {KEY: torch.tensor(0.55)}, reduce)  # the second check without improvement
+    assert policy.decided_at == 40 and policy.fired_at is None
+    assert reduce.any_calls == [False, False, False, True]
+    assert set(policy.finished(40, TASKS)) == set(TASKS)
+    assert policy.fired_at == 40
+    assert policy.finished(41, ()) == ()  # nothing left to drop
+    # Decided once and for all: later checks neither undo it nor count on.
+    policy.observe_validation(50, {KEY: torch.tensor(0.99)}, reduce)
+    assert policy.decided_at == 40 and len(reduce.any_calls) == 4
+
+
+def test_a_plateau_on_another_rank_is_a_plateau_on_every_rank():
+    policy = PlateauSwitch(KEY, mode="min", patience=3)
+    policy.bind(TASKS, total=None, unit="step")
+    reduce = OtherRankPlateaued()
+    policy.observe_validation(7, {KEY: torch.tensor(1.0)}, reduce)  # locally an improvement
+    assert reduce.any_calls == [False]
+    assert policy.decided_at == 7 and set(policy.finished(7, TASKS)) == set(TASKS)
+
+
+def test_min_step_defers_the_drop_and_max_step_forces_it():
+    policy = PlateauSwitch(KEY, mode="min", patience=1, min_step=0.2, max_step=80)
+    policy.bind(TASKS, total=100, unit="step")
+    reduce = OneRank()
+    policy.observe_validation(5, {KEY: torch.tensor(1.0)}, reduce)
+    policy.observe_validation(10, {KEY: torch.tensor(1.0)}, reduce)
+    assert policy.decided_at == 10
+    assert policy.finished(10, TASKS) == () and policy.finished(19, TASKS) == ()  # never before min_step = 20
+    assert set(policy.finished(20, TASKS)) == set(TASKS) and policy.fired_at == 20
+
+    never_plateaus = PlateauSwitch(KEY, mode="min", patience=1, max_step=0.5)
+    never_plateaus.bind(TASKS, total=100, unit="step")
+    for t in range(0, 50, 5):
+        never_plateaus.observe_validation(t, {KEY: torch.tensor(-float(t))}, reduce)
+        assert never_plateaus.finished(t, TASKS) == ()
+    assert set(never_plateaus.finished(50, TASKS)) == set(TASKS) and never_plateaus.fired_at == 50
+    assert never_plateaus.decided_at is None
+
+
+def test_nonfinite_values_never_become_the_best_and_count_as_no_improvement():
+    policy = PlateauSwitch(KEY, mode="max", patience=2)
+    policy.bind(TASKS, total=None, unit="step")
+    reduce = OneRank()
+    policy.observe_validation(0, {KEY: torch.tensor(0.5)}, reduce)
+    with pytest.warns(UserWarning, match="not finite"):
+        policy.observe_validation(
+            1, {KEY: torch.tensor(math.inf)}, reduce
+        )  # EarlyStopping would call this best
+    assert float(policy.best_score) == 0.5 and policy.wait_count == 1
+    policy.observe_validation(2, {KEY: torch.tensor(math.nan)}, reduce)
+    assert policy.decided_at == 2
+
+
+def test_a_monitor_never_logged_names_the_logged_keys():
+    policy = PlateauSwitch("val/acc", mode="max")
+    policy.bind(TASKS, total=None, unit="step")
+    with pytest.raises(KeyError, match=r"'val/acc'.*Logged keys: 'val/loss', 'val/primary_metric'"):
+        policy.observe_validation(
+            3, {"val/loss": torch.tensor(1.0), "val/primary_metric": torch.tensor(0.5)}, OneRank()
+        )
+
+
+def test_a_fresh_fit_starts_a_fresh_count_and_a_resumed_one_keeps_it():
+    policy = PlateauSwitch(KEY, patience=5)
+    policy.bind(TASKS, total=None, unit="step")
+    plateau_check(policy, [torch.tensor(1.0), torch.tensor(2.0)])
+    assert policy.wait_count == 1
+    state = policy.state_dict()
+    policy.bind(TASKS, total=None, unit="step")  # a second fit() without a checkpoint
+    assert policy.wait_count == 0 and math.isinf(float(policy.best_score))
+    policy.bind(TASKS, total=None, unit="step")
+    policy.load_state_dict(state)  # a resumed fit
+    assert policy.wait_count == 1 and float(policy.best_score) == 1.0
+
+
+def test_a_checkpoint_of_another_monitor_is_refused():
+    state = PlateauSwitch("val/loss").state_dict()
+    with pytest.raises(ValueError, match="monitored 'val/loss'.*resume with the settings"):
+        PlateauSwitch("val/primary_metric", mode="max").load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------ bad input, early and clear
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({}, "needs monitor="),
+        ({"monitor": KEY, "mode": "maximum"}, "mode must be 'min' or 'max'"),
+        ({"monitor": KEY, "patience": 0}, "patience must be an int >= 1"),
+        ({"monitor": KEY, "patience": True}, "patience must be an int >= 1"),
+        ({"monitor": KEY, "patience": 2.0}, "patience must be an int >= 1"),
+        ({"monitor": KEY, "min_delta": -0.1}, "min_delta must be a finite number >= 0"),
+        ({"monitor": KEY, "min_step": 1.5}, "min_step=1.5: a float is a fraction"),
+        ({"monitor": KEY, "max_step": -1}, "max_step must be >= 0"),
+        ({"monitor": KEY, "max_step": "10"}, "max_step must be an int step"),
+        ({"monitor": KEY, "min_step": 50, "max_step": 10}, "min_step=50 lies after max_step=10"),
+        ({"monitor": KEY, "gamma0": -1.0}, "gamma0 must be a finite number >= 0"),
+    ],
+)
+def test_bad_parameters_fail_at_construction(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        PlateauSwitch(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "total", "match"),
+    [
+        ({"max_step": 100}, 100.0, "max_step resolves to step 100, at or beyond the run's end"),
+        ({"max_step": 0.5}, None, "max_step=0.5 is a fraction of the run, but the run's length is unknown"),
+        ({"min_step": 0.9, "max_step": 50}, 100.0, "min_step resolves to step 90, after max_step"),
+        ({"gamma0": {"recon": 1.0}}, 100.0, r"gamma0 gives no value for auxiliary task\(s\) \['parity'\]"),
+        (
+            {"gamma0": {"recon": 1.0, "parity": 1.0, "edges": 1.0}},
+            100.0,
+            r"unknown auxiliary task\(s\) \['edges'\]",
+        ),
+    ],
+)
+def test_a_plan_that_cannot_be_carried_out_fails_at_bind(kwargs, total, match):
+    policy = PlateauSwitch(KEY, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        policy.bind(TASKS, total=total, unit="step")
+
+
+def test_numpy_scalars_are_numbers():
+    policy = PlateauSwitch(
+        KEY,
+        patience=np.int64(2),
+        min_delta=np.float32(0.5),
+        min_step=np.int32(3),
+        max_step=np.float64(0.5),
+        gamma0=np.float64(0.25),
+    )
+    policy.bind(TASKS, total=np.float64(10.0), unit="step")
+    assert policy.patience == 2 and policy.weights(0, TASKS) == {"recon": 0.25, "parity": 0.25}
+    assert policy.finished(5, TASKS) == TASKS
