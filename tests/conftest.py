@@ -53,10 +53,39 @@ def toy_trainer(tmp_path, callbacks: list, **kwargs: Any) -> pl.Trainer:
     return pl.Trainer(callbacks=callbacks, **defaults)
 
 
-class StepRecorder(pl.Callback):
+class LossTap(pl.Callback):
+    """Sees every ``mt2st_loss`` call of the module in training (wherever it sits in the callback list): the
+    losses it was given, attached to the graph, in ``self.tapped`` until the next call."""
+
+    def __init__(self) -> None:
+        self.tapped: dict[str, torch.Tensor] | None = None
+        self.features: torch.Tensor | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if "mt2st_loss" in pl_module.__dict__:  # tapped already (a second fit of the same module)
+            return
+        original = type(pl_module).mt2st_loss
+
+        def tapped(losses, features=None):
+            taps = pl_module.__dict__["_loss_taps"]
+            for tap in taps:
+                tap.tapped, tap.features = dict(losses), features
+            return original(pl_module, losses, features)
+
+        pl_module.__dict__["_loss_taps"] = []
+        pl_module.__dict__["mt2st_loss"] = tapped
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        taps = pl_module.__dict__["_loss_taps"]
+        if self not in taps:
+            taps.append(self)
+
+
+class StepRecorder(LossTap):
     """Records, for every training batch: the step, the weights in force, each task loss, and the total."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.rows: list[dict[str, Any]] = []
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
@@ -65,7 +94,7 @@ class StepRecorder(pl.Callback):
                 "step": trainer.global_step,
                 "weights": dict(pl_module.task_weights),
                 "active": pl_module.active_tasks,
-                "losses": {t: v.detach().clone() for t, v in pl_module.last_task_losses.items()},
+                "losses": {t: v.detach().clone() for t, v in self.tapped.items()},
                 "total": loss.detach().clone(),
             }
         )

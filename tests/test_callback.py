@@ -333,7 +333,7 @@ def test_save_single_task_warns_when_no_head_was_dropped(tmp_path):
 
 def test_ddp_communication_hooks_are_refused():
     from lightning.pytorch.strategies import DDPStrategy
-    from mt2st_lightning.callback import _check_can_drop
+    from mt2st_lightning.heads import check_can_drop as _check_can_drop
 
     with pytest.raises(RuntimeError, match="communication hooks"):
         _check_can_drop(DDPStrategy(ddp_comm_hook=lambda state, bucket: bucket.buffer()))
@@ -382,7 +382,7 @@ def test_switch_fraction_needs_a_known_run_length(tmp_path):
 def test_sharded_strategies_are_rejected():
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from mt2st_lightning.callback import _check_can_drop
+    from mt2st_lightning.heads import check_can_drop as _check_can_drop
 
     # FSDP needs a GPU to train; the check itself runs in MT2STCallback.setup, before any step.
     with pytest.raises(RuntimeError, match="FSDPStrategy is not supported"):

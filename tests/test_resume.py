@@ -78,7 +78,7 @@ def test_resuming_with_another_strategy_fails(tmp_path):
 def test_resuming_with_a_later_switch_point_fails(tmp_path):
     _checkpoint_after_switch(tmp_path, strategy="switch", switch_at=3)
     trainer = toy_trainer(tmp_path / "resumed", [MT2STCallback("switch", switch_at=9)], max_epochs=2)
-    with pytest.raises(ValueError, match=r"\['parity', 'recon'\] were dropped .* not finished at step 6"):
+    with pytest.raises(ValueError, match=r"\['parity', 'recon'\] were dropped .* does not finish them at step 6"):
         trainer.fit(toy_model(), toy_loader(), ckpt_path=tmp_path / "epoch=0.ckpt")
 
 

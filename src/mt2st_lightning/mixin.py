@@ -2,7 +2,9 @@
 
 The module declares its tasks and computes one loss per *active* task; the mixin weighs them. It takes no
 decisions: ``MT2STCallback`` writes ``task_weights`` and drops finished heads, the module only reads
-``active_tasks`` so that a dropped head's forward never runs.
+``active_tasks`` so that a dropped head's forward never runs. ``mt2st_loss`` also builds the step's
+:class:`~mt2st_lightning.step_record.StepRecord`, which the callback takes explicitly with
+:meth:`MT2STMixin.take_step_record`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from mt2st_lightning.step_record import StepRecord
 
 __all__ = ["MT2STMixin"]
 
@@ -33,7 +37,7 @@ class MT2STMixin:
             def training_step(self, batch, batch_idx):
                 h = self.encoder(batch["x"])
                 losses = {t: self.loss_fn[t](self.heads[t](h), batch[t]) for t in self.active_tasks}
-                return self.mt2st_loss(losses)
+                return self.mt2st_loss(losses, features=h)
     """
 
     def declare_tasks(self, primary: str, heads: Mapping[str, nn.Module]) -> None:
@@ -60,7 +64,8 @@ class MT2STMixin:
         self.__dict__["_mt2st_dropped"] = set()
         self.__dict__["_mt2st_released"] = set()
         self.__dict__["_mt2st_weights"] = {task: 1.0 for task in heads}
-        self.__dict__["_mt2st_last_losses"] = None
+        self.__dict__["_mt2st_record"] = None
+        self.__dict__["_mt2st_grad_flags"] = {}  # task -> each head parameter's requires_grad before its drop
         # Read several times a step: kept as tuples, recomputed only when a head is dropped.
         self.__dict__["_mt2st_tasks"] = (primary, *(t for t in heads if t != primary))
         self._refresh_active_tasks()
@@ -119,12 +124,18 @@ class MT2STMixin:
         self.__dict__["_mt2st_weights"].update({t: float(w) for t, w in weights.items()})
 
     @property
-    def last_task_losses(self) -> Mapping[str, Tensor] | None:
-        """The per-task losses of the current step's ``mt2st_loss`` call (still attached to the graph)."""
-        return self.__dict__.get("_mt2st_last_losses")
+    def released_tasks(self) -> frozenset[str]:
+        """Dropped tasks whose head weights were freed too (``release_heads=True``)."""
+        self._require_declared()
+        return frozenset(self.__dict__["_mt2st_released"])
 
-    def clear_task_losses(self) -> None:
-        self.__dict__["_mt2st_last_losses"] = None
+    def take_step_record(self) -> StepRecord | None:
+        """The :class:`StepRecord` of the last ``mt2st_loss`` call in training, handed over once: the module
+        lets go of it (and of the graph and features it holds), and a second call returns ``None`` until the
+        next ``mt2st_loss``. ``None`` also when ``training_step`` did not call ``mt2st_loss``."""
+        record = self.__dict__.get("_mt2st_record")
+        self.__dict__["_mt2st_record"] = None
+        return record
 
     def head_parameters(self, task: str) -> Iterator[nn.Parameter]:
         self._require_declared()
@@ -137,18 +148,43 @@ class MT2STMixin:
         return (p for p in self.parameters() if id(p) not in in_heads and p.requires_grad)  # type: ignore[attr-defined]
 
     # ---------------------------------------------------------------- the loss
-    def mt2st_loss(self, losses: Mapping[str, Tensor]) -> Tensor:
-        """``L_0 + sum_k gamma_k * L_k`` in float32, over exactly the active tasks."""
+    def mt2st_loss(self, losses: Mapping[str, Tensor], features: Tensor | None = None) -> Tensor:
+        """``L_0 + sum_k gamma_k * L_k`` in float32, over exactly the active tasks.
+
+        Each loss is a scalar tensor. ``features``: the shared representation ``h`` the heads were applied to;
+        given, gradient-based policies measure with respect to it through the heads only (no encoder backward).
+        In training (with autograd enabled) the call also builds the step's :class:`StepRecord`, which
+        ``MT2STCallback`` takes with :meth:`take_step_record` before backward.
+        """
         active = self.active_tasks  # raises if the tasks were never declared
         if losses.keys() != self.__dict__["_mt2st_active_set"]:  # one set comparison on the happy path
             self._raise_for_loss_names(losses)
         weights = self.__dict__["_mt2st_weights"]
-        total = losses[active[0]].float()
-        for task in active[1:]:
-            total = total + weights[task] * losses[task].float()
-        # Read by the callback (finiteness check, adaptive statistics) before backward; cleared after backward.
-        self.__dict__["_mt2st_last_losses"] = losses
+        try:
+            total = losses[active[0]].float()
+            for task in active[1:]:
+                total = total + weights[task] * losses[task].float()
+        except (AttributeError, TypeError):  # a Python number instead of a tensor
+            self._raise_for_loss_values(losses)
+            raise
+        if total.ndim:  # a non-scalar loss broadcast into the total
+            self._raise_for_loss_values(losses)
+        if torch.is_grad_enabled():
+            self.__dict__["_mt2st_record"] = StepRecord(losses, features, total)
         return total
+
+    def _raise_for_loss_values(self, losses: Mapping[str, Any]) -> None:
+        for task, value in losses.items():
+            if not isinstance(value, Tensor):
+                raise TypeError(
+                    f"the loss of task {task!r} is a {type(value).__name__}, not a tensor: compute it with torch "
+                    "so that it carries gradients (e.g. F.mse_loss(...), not loss.item())"
+                )
+            if value.ndim:
+                raise ValueError(
+                    f"the loss of task {task!r} has shape {tuple(value.shape)}; each task loss must be a scalar "
+                    "tensor: reduce it (e.g. .mean()) before mt2st_loss"
+                )
 
     def _raise_for_loss_names(self, losses: Mapping[str, Tensor]) -> None:
         active = self.active_tasks
@@ -185,6 +221,8 @@ class MT2STMixin:
         if task not in self.__dict__["_mt2st_heads"]:
             raise KeyError(f"unknown auxiliary task {task!r}; auxiliary tasks are {list(self.auxiliary_tasks)}")
         params = list(self.head_parameters(task))
+        if task not in self.__dict__["_mt2st_dropped"]:  # the user's own flags, restored if the head comes back
+            self.__dict__["_mt2st_grad_flags"][task] = [p.requires_grad for p in params]
         for p in params:
             p.requires_grad_(False)
             p.grad = None
@@ -236,11 +274,27 @@ class MT2STMixin:
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
 
     def _undrop_task(self, task: str) -> None:
-        for p in self.head_parameters(task):
-            p.requires_grad_(True)
+        self.thaw_dropped_head(task)
         self.__dict__["_mt2st_dropped"].discard(task)
         self._refresh_active_tasks()
         self.__dict__["_mt2st_weights"][task] = 1.0  # the callback sets the weight at the next step boundary
+
+    def thaw_dropped_head(self, task: str) -> None:
+        """Give a dropped head's parameters back the ``requires_grad`` flags they had before the drop (the head
+        stays dropped unless the caller undoes that too). Used when a checkpoint from before the drop is loaded,
+        and by ``MT2STCallback`` while a resumed fit builds its optimizer."""
+        flags = self.__dict__["_mt2st_grad_flags"].get(task)
+        for i, p in enumerate(self.head_parameters(task)):
+            p.requires_grad_(True if flags is None else flags[i])
+
+    def freeze_dropped_heads(self) -> bool:
+        """Freeze every dropped head again; returns whether any parameter had been unfrozen."""
+        changed = False
+        for task in self.__dict__["_mt2st_dropped"]:
+            for p in self.head_parameters(task):
+                changed |= p.requires_grad
+                p.requires_grad_(False)
+        return changed
 
     def _reallocate_head(self, task: str, state_dict: Mapping[str, Tensor]) -> None:
         """Give a released head storage again, shaped as in ``state_dict``, which then fills it."""
@@ -262,14 +316,23 @@ def _check_untied(module: nn.Module, aux_heads: Mapping[str, nn.Module]) -> None
             if id(p) in owner:
                 raise ValueError(f"the heads of tasks {owner[id(p)]!r} and {task!r} share a parameter; untie them")
             owner[id(p)] = task
-    inside = {task: {id(m) for m in head.modules()} for task, head in aux_heads.items()}
+    # Where each auxiliary head sits in the module tree: a parameter of it may only be reached under those paths.
+    # Checking paths, not module identity, also catches a shared *submodule* (e.g. one projection used in the
+    # primary head and inside an auxiliary head's nn.Sequential).
+    head_of = {id(head): task for task, head in aux_heads.items()}
+    prefixes: dict[str, list[str]] = {task: [] for task in aux_heads}
+    for name, sub in module.named_modules(remove_duplicate=False):
+        if id(sub) in head_of:
+            prefixes[head_of[id(sub)]].append(name + ".")
     for name, sub in module.named_modules(remove_duplicate=False):
         for pname, p in sub.named_parameters(recurse=False):
             task = owner.get(id(p))
-            if task is not None and id(sub) not in inside[task]:
+            path = f"{name}.{pname}" if name else pname
+            if task is not None and not any(path.startswith(prefix) for prefix in prefixes[task]):
                 raise ValueError(
-                    f"{name}.{pname} is tied to a parameter of the auxiliary head {task!r}: dropping that head would "
-                    "freeze it too. Untie them (or do not declare that head as auxiliary)"
+                    f"{path} is tied to a parameter of the auxiliary head {task!r} (a shared parameter or submodule"
+                    f"{f' {name!r}' if name else ''}): dropping that head would freeze it too. Untie them (or do "
+                    "not declare that head as auxiliary)"
                 )
 
 

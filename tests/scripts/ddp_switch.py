@@ -37,9 +37,9 @@ class DDPWrappers(pl.Callback):
 def main() -> None:
     args = [a for a in sys.argv[1:] if a != "--no-rebuild"]
     if "--no-rebuild" in sys.argv:
-        import mt2st_lightning.callback
+        import mt2st_lightning.heads
 
-        mt2st_lightning.callback._rebuild_ddp_reducer = lambda strategy: None
+        mt2st_lightning.heads.rebuild_ddp_reducer = lambda strategy: False
     out, strategy = Path(args[0]), args[1]
     kwargs = {k: _value(v) for k, v in (a.split("=") for a in args[2:])}
     callback = MT2STCallback(strategy, **kwargs)

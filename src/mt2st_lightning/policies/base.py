@@ -13,14 +13,14 @@ Write your own by subclassing :class:`Policy` and passing an instance as ``MT2ST
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from torch import Tensor
 
 from mt2st_lightning.step_record import StepRecord
 
-__all__ = ["Policy", "Reducer"]
+__all__ = ["LocalReducer", "Policy", "Reducer", "StrategyReducer"]
 
 
 class Reducer(Protocol):
@@ -36,6 +36,38 @@ class Reducer(Protocol):
         """True on every rank iff ``decision`` is True on some rank."""
 
 
+class LocalReducer:
+    """The :class:`Reducer` of a single process: every value is already the agreed one. For tests and tools
+    that drive a policy without a trainer."""
+
+    def mean(self, value: Tensor) -> Tensor:
+        return value
+
+    def all(self, decision: bool) -> bool:
+        return bool(decision)
+
+    def any(self, decision: bool) -> bool:
+        return bool(decision)
+
+
+class StrategyReducer:
+    """The :class:`Reducer` ``MT2STCallback`` hands to its policy: the Lightning strategy's own collectives
+    (``strategy.reduce``, ``strategy.reduce_boolean_decision``, as ``EarlyStopping`` agrees). Each call is a
+    collective under DDP: every rank must make it at the same point."""
+
+    def __init__(self, strategy: Any) -> None:
+        self.strategy = strategy
+
+    def mean(self, value: Tensor) -> Tensor:
+        return self.strategy.reduce(value, reduce_op="mean")
+
+    def all(self, decision: bool) -> bool:
+        return bool(self.strategy.reduce_boolean_decision(bool(decision), all=True))
+
+    def any(self, decision: bool) -> bool:
+        return bool(self.strategy.reduce_boolean_decision(bool(decision), all=False))
+
+
 class Policy(ABC):
     """What the auxiliary weights are at time ``t`` and which auxiliary tasks are finished.
 
@@ -45,7 +77,9 @@ class Policy(ABC):
 
     Hooks, in the order the callback calls them:
 
-    - :meth:`bind` once per fit, before the first step: the auxiliary tasks and the run's planned length.
+    - :meth:`bind` once per fit, before the first step: the auxiliary tasks and the run's planned length
+      (then :meth:`use_shared_parameters`);
+      a resumed fit then calls :meth:`load_state_dict` with the saved state (so ``bind`` may reset state).
     - at each optimizer-step boundary: :meth:`finished`, then :meth:`weights` for the tasks still active.
     - :meth:`wants_step`, then (if True) :meth:`observe_step` with the step's :class:`StepRecord`, between
       forward and backward of the first micro-batch of that step. A step that the non-finite guard skips is
@@ -62,6 +96,10 @@ class Policy(ABC):
         (``None`` if unknown). Resolve fractions of the run here and raise ``ValueError`` for a plan that
         cannot be carried out."""
 
+    def use_shared_parameters(self, parameters: Iterable[Tensor]) -> None:
+        """Called once per fit, after :meth:`bind`, with the module's shared (encoder) parameters that train,
+        for a policy that takes gradients with respect to them. Ignore it otherwise."""
+
     @abstractmethod
     def weights(self, t: int, active: Sequence[str]) -> Mapping[str, float]:
         """The loss weight of each task in ``active`` at time ``t`` (non-negative floats)."""
@@ -72,7 +110,9 @@ class Policy(ABC):
         Must be the same on every rank (decide through the reducer)."""
 
     def wants_step(self, t: int) -> bool:
-        """Whether to observe this step's losses (a *measuring* step). Called once per optimizer step."""
+        """Whether to observe this step's losses (a *measuring* step). Called once per unit of time, at the
+        first micro-batch of its first optimizer step (with ``unit="epoch"``: once per epoch), while any
+        auxiliary task is active."""
         return False
 
     def observe_step(self, t: int, record: StepRecord, reduce: Reducer) -> None:

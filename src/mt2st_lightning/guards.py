@@ -1,0 +1,138 @@
+"""``NonFiniteGuard``: what a NaN/inf task loss does, without a host-device synchronisation on an ordinary step.
+
+Reading a GPU tensor's value on the host (``.item()``, ``bool(t)``) waits for the device to finish, which stops
+the CPU from queueing the next step ahead. So the guard keeps what it needs on the device and reads it rarely:
+
+- ``"raise"`` (default): each micro-batch's task losses are kept, detached, in a short list (no kernel, no
+  copy). The guard reads them, in one ``.item()``, at every logging step (``Trainer(log_every_n_steps=...)``),
+  after at most :data:`CHECK_EVERY` micro-batches, at the end of each training epoch, before every checkpoint
+  is written and before a policy observes a step. A non-finite loss therefore stops training up to that many
+  steps *after* it happened (never after a checkpoint of the damage was saved); the error names the task and
+  the step at which it happened, and the step at which it was found. Under DDP the ranks agree through one
+  all-reduce, at the read only.
+- ``"skip"``: a non-finite loss on any rank drops that optimizer step's update on every rank. The flag stays on
+  the device for every micro-batch of the step; the ranks agree by all-reducing the flag tensor, and the flag is
+  read on the host **once per optimizer step**, before the optimizer runs: a general optimizer (momentum,
+  Adam's moments and step count, weight decay) cannot be told on the device to leave its parameters and state
+  untouched, so this mode pays one synchronisation per optimizer step (and one more on a measuring step, so
+  that a policy never observes a skipped micro-batch).
+- ``"off"``: nothing is checked or kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+__all__ = ["CHECK_EVERY", "NonFiniteGuard"]
+
+#: The "raise" mode reads its flag at the latest after this many micro-batches (also with log_every_n_steps=0).
+CHECK_EVERY = 64
+MODES = ("raise", "skip", "off")
+
+log = logging.getLogger("mt2st_lightning")
+
+
+class NonFiniteGuard:
+    """Watches every micro-batch's task losses for NaN/inf; see the module's docstring for what each mode costs.
+
+    Args:
+        mode: ``"raise"``, ``"skip"`` or ``"off"``.
+        unit: the callback's unit of time (``"step"`` or ``"epoch"``), for messages.
+    """
+
+    def __init__(self, mode: str = "raise", unit: str = "step") -> None:
+        if mode not in MODES:
+            raise ValueError(f"on_nonfinite must be 'raise', 'skip' or 'off', got {mode!r}")
+        self.mode = mode
+        self.unit = unit
+        # "raise": (time, task names, detached losses) per micro-batch since the last read.
+        self._pending: list[tuple[int, tuple[str, ...], tuple[Tensor, ...]]] = []
+        # "skip": the device flag of the current optimizer step, and the decision once it has been read.
+        self._bad: Tensor | None = None
+        self._decided: bool | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "off"
+
+    def reset(self) -> None:
+        self._pending.clear()
+        self._bad, self._decided = None, None
+
+    # ---------------------------------------------------------------- each micro-batch, before backward
+    def record(self, trainer: pl.Trainer, t: int, losses: Mapping[str, Tensor], total: Tensor) -> None:
+        """Keep this micro-batch's losses (``"raise"``) or fold them into the step's flag (``"skip"``); no sync."""
+        if self.mode == "raise":
+            self._pending.append((t, tuple(losses), tuple(v.detach() for v in losses.values())))
+            if len(self._pending) >= CHECK_EVERY:
+                self.check(trainer, t)
+        elif self.mode == "skip":
+            if self._decided is not None:  # the first micro-batch of a new optimizer step
+                self._bad, self._decided = None, None
+            # A non-finite task loss makes the weighted total non-finite (0 * inf is nan): one flag suffices.
+            bad = torch.isfinite(total.detach()).logical_not_()
+            self._bad = bad if self._bad is None else self._bad.logical_or_(bad)
+
+    # ---------------------------------------------------------------- "raise": the delayed read
+    def check(self, trainer: pl.Trainer, now: int) -> None:
+        """Read the kept losses (one sync; under DDP one all-reduce) and raise if any rank saw a non-finite one."""
+        if self.mode != "raise" or not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        flat = torch.stack([v for _, _, values in pending for v in values])  # promotes fp16/bf16 mixes
+        finite = torch.isfinite(flat)
+        n_bad = finite.logical_not().sum()
+        if trainer.world_size > 1:
+            n_bad = trainer.strategy.reduce(n_bad.float(), reduce_op="sum")
+        if n_bad.item() == 0:
+            return
+        where = "a loss on another rank"
+        finite_list, i = finite.tolist(), 0
+        for t, names, values in pending:
+            bad = [name for name, ok in zip(names, finite_list[i : i + len(values)]) if not ok]
+            i += len(values)
+            if bad:
+                where = f"task(s) {bad} at {self.unit} {t}"
+                break
+        raise FloatingPointError(
+            f"MT2ST: non-finite loss in {where}, found at {self.unit} {now}: the guard reads its flag on the "
+            "device only at logging steps (log_every_n_steps), every "
+            f"{CHECK_EVERY} micro-batches, at epoch ends and before checkpoints, so training went on until then. "
+            "Lower the learning rate or the auxiliary weights, or pass MT2STCallback(on_nonfinite='skip') to "
+            "skip such steps."
+        )
+
+    # ---------------------------------------------------------------- "skip": one read per optimizer step
+    def all_finite(self, trainer: pl.Trainer) -> bool:
+        """Whether every rank's losses in this optimizer step so far are finite (one sync; all-reduce under DDP)."""
+        if self.mode == "raise":
+            now = self._pending[-1][0] if self._pending else 0
+            self.check(trainer, now)
+            return True
+        if self.mode == "off" or self._bad is None:
+            return True
+        bad = self._bad.float()
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce(bad, reduce_op="sum")
+        return bool(bad.item() == 0)
+
+    def skip_update(self, trainer: pl.Trainer, optimizer: Any, t: int) -> bool:
+        """``"skip"``: before the optimizer step, decide (once per step, the same on every rank) whether to drop
+        the update; if so, drop every gradient so that the optimizer changes nothing."""
+        if self.mode != "skip":
+            return False
+        if self._decided is None:
+            self._decided = not self.all_finite(trainer)
+            if self._decided and trainer.is_global_zero:
+                log.warning("MT2ST: non-finite loss at %s %s on some rank: this step's update is skipped", self.unit, t)
+        if self._decided:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+        return self._decided
