@@ -3,18 +3,25 @@ on the shared features keeps opposing the primary task's."""
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.conftest import toy_loader, toy_model, toy_trainer
+from tests.test_plateau import MemoryLogger
 from torch import nn
 from torch.testing import assert_close
 
+from mt2st_lightning import MT2STCallback, MT2STMixin
 from mt2st_lightning.adaptive import gradient_alignment, gradient_cosines
+from mt2st_lightning.names import SWITCH_STEP_PREFIX
 from mt2st_lightning.policies.conflict import ConflictSwitch
 from mt2st_lightning.step_record import StepRecord
 
@@ -267,3 +274,62 @@ def test_numpy_scalars_are_numbers():
     policy.bind(("side",), total=None, unit="step")
     assert (policy.threshold, policy.window, policy.adapt_every) == (-0.25, 2, 3)
     assert policy.weights(0, ("side",)) == {"side": 2.0}
+
+
+# ------------------------------------------------------------------------------ in a real fit
+class Opposed(MT2STMixin, pl.LightningModule):
+    """A primary head and two copies of it: ``twin`` learns the same task (its gradient on the features is the
+    primary's), ``anti`` ascends it (its gradient is the primary's, negated)."""
+
+    def __init__(self, hand_features: bool = True) -> None:
+        super().__init__()
+        pl.seed_everything(0)
+        self.hand_features = hand_features
+        self.encoder = nn.Sequential(nn.Linear(16, 32), nn.ReLU())
+        label = nn.Linear(32, 3)
+        self.heads = nn.ModuleDict(
+            {"label": label, "twin": copy.deepcopy(label), "anti": copy.deepcopy(label)}
+        )
+        self.declare_tasks(primary="label", heads=self.heads)
+
+    def training_step(self, batch, batch_idx):
+        h = self.encoder(batch["x"].flatten(1))
+        losses = {}
+        for task in self.active_tasks:
+            loss = F.cross_entropy(self.heads[task](h), batch["label"])
+            losses[task] = -loss if task == "anti" else loss
+        return self.mt2st_loss(losses, features=h) if self.hand_features else self.mt2st_loss(losses)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_a_real_fit_drops_the_task_whose_gradient_opposes_the_primary(tmp_path):
+    mt2st = MT2STCallback("conflict", threshold=0.0, window=3, adapt_every=2)
+    logger = MemoryLogger()
+    model = Opposed()
+    trainer = toy_trainer(tmp_path, [mt2st], max_epochs=2, logger=logger, log_every_n_steps=1)
+    trainer.fit(model, toy_loader())
+    # Measured at steps 0, 2, 4 (cosine about -1 each time); dropped at the next step boundary.
+    assert mt2st.drop_times == {"anti": 5} and mt2st.policy.fired_at == {"anti": 5}
+    assert model.active_tasks == ("label", "twin")
+    assert mt2st.policy.last_cosines["anti"] < -0.9
+    assert mt2st.policy.last_cosines["twin"] == pytest.approx(1.0)  # twin and primary heads train identically
+    logged = {k: v for _, row in logger.rows for k, v in row.items() if k.startswith(SWITCH_STEP_PREFIX)}
+    assert logged == {SWITCH_STEP_PREFIX + "anti": 5}
+
+
+def test_the_app_model_hands_its_features_over(tmp_path):
+    mt2st = MT2STCallback("conflict", threshold=-1.0, window=1, adapt_every=1)  # cosine < -1 never happens
+    trainer = toy_trainer(tmp_path, [mt2st], max_epochs=1, limit_train_batches=2)
+    trainer.fit(toy_model(), toy_loader())
+    assert set(mt2st.policy.last_cosines) == {"recon", "parity"}
+    assert all(-1.0 <= c <= 1.0 for c in mt2st.policy.last_cosines.values())
+
+
+def test_a_module_without_features_is_told_how_to_hand_them_over(tmp_path):
+    trainer = toy_trainer(
+        tmp_path, [MT2STCallback("conflict", adapt_every=1)], max_epochs=1, limit_train_batches=1
+    )
+    with pytest.raises(RuntimeError, match=r"mt2st_loss\(losses, features=h\)"):
+        trainer.fit(Opposed(hand_features=False), toy_loader())

@@ -10,14 +10,21 @@ import io
 import math
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.trainer.states import TrainerFn
+from tests.conftest import TASKS as TOY_TASKS
+from tests.conftest import toy_loader, toy_model, toy_trainer
 
+from mt2st_lightning import MT2STCallback
+from mt2st_lightning.models import MLPEncoder, MultiTaskModel
+from mt2st_lightning.names import SWITCH_STEP_PREFIX
 from mt2st_lightning.policies.plateau import PlateauSwitch
 
 SETTINGS = settings(max_examples=300, deadline=None)
@@ -284,3 +291,97 @@ def test_numpy_scalars_are_numbers():
     policy.bind(TASKS, total=np.float64(10.0), unit="step")
     assert policy.patience == 2 and policy.weights(0, TASKS) == {"recon": 0.25, "parity": 0.25}
     assert policy.finished(5, TASKS) == TASKS
+
+
+# ------------------------------------------------------------------------------ in a real fit
+def scripted_model(scores):
+    """The toy multi-task model, logging ``val/score = scores[epoch]`` in validation."""
+
+    class Scripted(MultiTaskModel):
+        def validation_step(self, batch, batch_idx):
+            super().validation_step(batch, batch_idx)
+            self.log(KEY, scores[self.current_epoch], on_epoch=True, batch_size=batch["x"].shape[0])
+
+    pl.seed_everything(0)
+    return Scripted(MLPEncoder(in_features=16, hidden=32, depth=2), TOY_TASKS, primary="label", head_hidden=8)
+
+
+class FirstStopSignal(pl.Callback):
+    """The epoch at which a callback before this one first set ``trainer.should_stop``."""
+
+    def __init__(self) -> None:
+        self.epoch = None
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.should_stop and self.epoch is None and not trainer.sanity_checking:
+            self.epoch = trainer.current_epoch
+
+
+class MemoryLogger(Logger):
+    """Keeps what is logged, as (step, metrics) rows."""
+
+    name, version = "memory", 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass
+
+
+# Checks at the end of epochs 0..7: best 0.5 at epoch 2; no improvement at 3, 4, 5 (0.5 is not > 0.5).
+SCORES = [0.1, 0.3, 0.5, 0.5, 0.45, 0.5, 0.6, 0.7]
+BATCHES = 6  # toy_loader(): 96 samples, batch size 16
+
+
+def plateau_fit(tmp_path, max_epochs, ckpt_path=None, extra=(), logger=False):
+    mt2st = MT2STCallback("plateau", monitor=KEY, mode="max", patience=3)
+    model = scripted_model(SCORES)
+    trainer = toy_trainer(
+        tmp_path,
+        [mt2st, *extra],
+        max_epochs=max_epochs,
+        min_epochs=max_epochs,
+        limit_val_batches=1,
+        logger=logger,
+        log_every_n_steps=1,
+    )
+    trainer.fit(model, toy_loader(), toy_loader(n=16), ckpt_path=ckpt_path)
+    return mt2st, model, trainer
+
+
+def test_a_real_fit_switches_at_the_step_after_early_stopping_signals(tmp_path):
+    early_stopping = EarlyStopping(KEY, mode="max", patience=3, check_on_train_epoch_end=False)
+    signal = FirstStopSignal()
+    logger = MemoryLogger()
+    mt2st, model, trainer = plateau_fit(tmp_path, 8, extra=[early_stopping, signal], logger=logger)
+    assert signal.epoch == 5  # EarlyStopping's verdict; min_epochs keeps the fit going past it
+    switch_step = (signal.epoch + 1) * BATCHES
+    assert mt2st.policy.decided_at == mt2st.policy.fired_at == switch_step
+    assert mt2st.drop_times == {"recon": switch_step, "parity": switch_step}
+    assert model.active_tasks == ("label",) and trainer.global_step == 8 * BATCHES
+    logged = {k: v for _, row in logger.rows for k, v in row.items() if k.startswith(SWITCH_STEP_PREFIX)}
+    assert logged == {SWITCH_STEP_PREFIX + "recon": switch_step, SWITCH_STEP_PREFIX + "parity": switch_step}
+
+
+@pytest.mark.slow
+def test_a_fit_resumed_mid_wait_switches_at_the_same_step(tmp_path):
+    first, _, trainer = plateau_fit(tmp_path / "a", 4)  # checks at epochs 0..3: one check without improvement
+    assert first.policy.wait_count == 1 and first.policy.decided_at is None
+    trainer.save_checkpoint(tmp_path / "mid_wait.ckpt")
+    resumed, model, _ = plateau_fit(tmp_path / "b", 8, ckpt_path=tmp_path / "mid_wait.ckpt")
+    uninterrupted, _, _ = plateau_fit(tmp_path / "c", 8)
+    assert resumed.drop_times == uninterrupted.drop_times == {"recon": 6 * BATCHES, "parity": 6 * BATCHES}
+    assert resumed.policy.fired_at == uninterrupted.policy.fired_at
+    assert model.active_tasks == ("label",)
+
+
+def test_a_misspelled_monitor_stops_the_fit_naming_the_logged_keys(tmp_path):
+    mt2st = MT2STCallback("plateau", monitor="val/scroe", mode="max")
+    trainer = toy_trainer(tmp_path, [mt2st], max_epochs=1, limit_val_batches=1)
+    with pytest.raises(KeyError, match=r"'val/scroe'.*Logged keys: .*'val/primary_metric'"):
+        trainer.fit(toy_model(), toy_loader(), toy_loader(n=16))
