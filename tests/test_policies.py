@@ -394,14 +394,22 @@ def test_weights_are_non_negative_and_sum_to_the_budget(strategy, budget, decay,
     seed=st.integers(min_value=0, max_value=2**16),
 )
 def test_the_loss_scale_never_changes_a_weight(strategy, exponent, seed):
+    # The scale changes from step to step (as GradScaler's does) while the statistics are smoothed: a scale
+    # left in the statistics would mix differently scaled values and move the weights.
     net = Net(seed)
-    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(seed))
-    weights = []
-    for scale in (1.0, 2.0**exponent):
-        policy = _bound(policy_for(strategy, adapt_every=1, adapt_decay=0.0, budget=None if strategy == "gradnorm" else 1.0))
-        _step(policy, 0, net.record(x, scale=scale))
-        weights.append(policy.weights(1, AUX))
-    assert weights[0] == pytest.approx(weights[1], rel=1e-5)
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(6, 3, generator=g) * (1 + t) for t in range(3)]
+    runs = []
+    for scales in ((1.0, 1.0, 1.0), (2.0**exponent, 1.0, 2.0**-exponent)):
+        budget = None if strategy == "gradnorm" else 1.0
+        policy = _bound(policy_for(strategy, adapt_every=1, adapt_decay=0.5, budget=budget))
+        weights = [_step(policy, t, net.record(x, scale=s)) for t, (x, s) in enumerate(zip(xs, scales))]
+        runs.append((weights + [policy.weights(3, AUX)], policy.stats))
+    (w0, stats0), (w1, stats1) = runs
+    for a, b in zip(w0, w1):
+        assert a == pytest.approx(b, rel=1e-5)
+    for key in stats0:
+        assert stats0[key].item() == pytest.approx(stats1[key].item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["gradnorm", "fisher"])
@@ -445,12 +453,13 @@ def test_a_zero_gradient_keeps_the_task_factor(strategy):
     _step(policy, 1, net.record(torch.randn(6, 3)))
     measured = policy.weights(2, AUX)
     assert measured["a"] != pytest.approx(0.5)
-    # A later zero gradient neither takes the whole budget nor loses it: b keeps its factor.
+    # A later zero gradient neither takes the whole budget nor loses it: b keeps its factor and statistic.
+    b_stat = policy.stats["sqnorm/b"].clone()
     _step(policy, 2, net.record(torch.randn(6, 3), zero=("b",)))
     w = policy.weights(3, AUX)
     assert w["b"] == pytest.approx(measured["b"])
     assert w["a"] == pytest.approx(1.0 - measured["b"])
-    assert "sqnorm/b" in policy.stats
+    assert torch.equal(policy.stats["sqnorm/b"], b_stat)
 
 
 def test_gradnorm_budget_none_keeps_raw_ratios():
@@ -483,17 +492,33 @@ def test_noise_without_smoothing_uses_the_last_two_measurements():
     assert policy.weights(3, AUX)["b"] > 0.9  # b's loss barely moves: it gets most of the budget
 
 
-def test_measurements_are_averaged_across_ranks():
+@pytest.mark.parametrize("strategy", ADAPTIVE_STRATEGIES)
+def test_measurements_are_averaged_across_ranks(strategy):
     net = Net()
-    record = net.record(torch.randn(8, 3))
-    other = torch.tensor([4.0, 0.1, 9.0])  # the other rank's squared norms (p, a, b)
+    records = [net.record(torch.randn(8, 3)) for _ in range(2)]
+    # The other rank's statistics: squared norms (p, a, b), or the auxiliary losses (a, b) for noise.
+    other = torch.tensor([0.3, 0.05]) if strategy == "noise" else torch.tensor([4.0, 0.1, 9.0])
     reducer = LocalReducer(other)
-    policy = _bound(policy_for("fisher", adapt_every=1, adapt_decay=0.0))
-    _step(policy, 0, record, reducer)
-    assert reducer.calls == 1
-    sq = _sq(record, [record.features])
-    mean = torch.tensor([(sq["a"] + 0.1) / 2, (sq["b"] + 9.0) / 2], dtype=torch.float64)
-    assert list(policy.weights(1, AUX).values()) == pytest.approx(adaptive.fisher_trace_weights(mean, 1.0).tolist(), rel=1e-5)
+    policy = _bound(policy_for(strategy, adapt_every=1, adapt_decay=0.5))
+    for t, record in enumerate(records):
+        _step(policy, t, record, reducer)
+    assert reducer.calls == 2
+    # The same statistics computed by hand, averaged with the other rank's, then smoothed.
+    if strategy == "noise":
+        mine = [torch.stack([r.losses[t].detach() for t in AUX]).double() for r in records]
+    else:
+        mine = [torch.tensor([v for v in _sq(r, [r.features]).values()], dtype=torch.float64) for r in records]
+    mean = [(m + other.double()) / 2 for m in mine]
+    smooth = 0.5 * mean[0] + 0.5 * mean[1]
+    if strategy == "noise":
+        sq = 0.5 * mean[0] ** 2 + 0.5 * mean[1] ** 2
+        expected = adaptive.inverse_variance_weights(sq - smooth**2, 1.0)
+    elif strategy == "fisher":
+        expected = adaptive.fisher_trace_weights(smooth[1:], 1.0)
+    else:
+        expected = adaptive.grad_norm_ratio_weights(smooth[0], smooth[1:], 1.0)
+    assert list(policy.weights(2, AUX).values()) == pytest.approx(expected.tolist(), rel=1e-4)
+    assert abs(expected[0] - expected[1]) > 1e-3
 
 
 @SETTINGS
@@ -543,3 +568,13 @@ def test_a_user_schedule_works_through_the_policy():
     assert policy.weights(2, AUX) == {"a": 0.25, "b": 0.25}
     assert policy.finished(3, AUX) == ["b"]
     assert isinstance(policy.schedules["b"], Product)
+
+
+def test_each_fit_measures_afresh():
+    net = Net()
+    policy = _bound(policy_for("gradnorm", adapt_every=1))
+    _step(policy, 0, net.record(torch.randn(6, 3)))
+    assert policy.factors and policy.stats
+    _bound(policy)  # the next fit (a resumed one loads its state after this)
+    assert (policy.factors, policy.stats, policy.measured_at) == ({}, {}, None)
+    assert policy.weights(0, AUX) == {"a": 0.5, "b": 0.5} and policy.wants_step(0)

@@ -88,7 +88,8 @@ class MeasuredPolicy(SchedulePolicy):
         self.budget = _check_budget(name, budget, self.raw_factors_allowed)
         self.adapt_every = _check_adapt_every(adapt_every)
         self.adapt_decay = _check_decay(adapt_decay)
-        # State (saved): smoothed statistics (CPU float64), the factors in use, the last measured time.
+        # State (saved): smoothed statistics (CPU float64) and the factors in use. Per fit: the last measured
+        # time (a checkpoint is written between steps, so a resumed run never re-enters a measured one).
         self.stats: dict[str, Tensor] = {}
         self.factors: dict[str, float] = {}
         self.measured_at: int | None = None
@@ -112,7 +113,9 @@ class MeasuredPolicy(SchedulePolicy):
     # ------------------------------------------------------------------ decisions
     def bind(self, tasks: Sequence[str], total: float | None, unit: str) -> None:
         super().bind(tasks, total, unit)
-        self._weights_at = None
+        # Each fit measures afresh; a resumed one gets its state back through load_state_dict right after.
+        self.stats, self.factors, self.measured_at = {}, {}, None
+        self._weights_at, self._active = None, ()
 
     def weights(self, t: int, active: Sequence[str]) -> dict[str, float]:
         key = (t, tuple(active))
@@ -175,13 +178,11 @@ class MeasuredPolicy(SchedulePolicy):
         return {
             "stats": {k: v.detach().cpu().clone() for k, v in self.stats.items()},
             "factors": dict(self.factors),
-            "measured_at": self.measured_at,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.stats = {k: torch.as_tensor(v, dtype=torch.float64).cpu().clone() for k, v in state["stats"].items()}
         self.factors = {k: float(v) for k, v in state["factors"].items()}
-        self.measured_at = state.get("measured_at")
         self._weights_at = None
 
 
