@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -385,3 +389,31 @@ def test_a_misspelled_monitor_stops_the_fit_naming_the_logged_keys(tmp_path):
     trainer = toy_trainer(tmp_path, [mt2st], max_epochs=1, limit_val_batches=1)
     with pytest.raises(KeyError, match=r"'val/scroe'.*Logged keys: .*'val/primary_metric'"):
         trainer.fit(toy_model(), toy_loader(), toy_loader(n=16))
+
+
+# ------------------------------------------------------------------------------ under plain DDP
+@pytest.mark.slow
+def test_under_ddp_a_plateau_on_one_rank_switches_every_rank_at_the_same_step(tmp_path):
+    script = Path(__file__).parent / "scripts" / "ddp_plateau.py"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    # 128 samples over 2 ranks in batches of 16: 4 steps per epoch. Rank 1's value stops improving after epoch
+    # 1, so its wait reaches patience 2 at the check ending epoch 3 (step 16); rank 0's never does.
+    for state in ranks:
+        assert state["world_size"] == 2 and state["global_step"] == 24
+        assert state["decided_at"] == state["fired_at"] == 16
+        assert state["drop_times"] == {"recon": 16, "parity": 16}
+        assert state["active"] == ("label",)
+    assert ranks[0]["wait_count"] == 0 and ranks[1]["wait_count"] == 2  # only rank 1's own value said so
+    for name, p in ranks[0]["params"].items():
+        assert torch.equal(p, ranks[1]["params"][name]), f"{name} differs between ranks"
