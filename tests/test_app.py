@@ -41,9 +41,11 @@ def compose_train(*overrides: str, hydra_config: bool = False) -> DictConfig:
 
 
 def run_cli(
-    *args: str, cwd: Path, timeout: float = 120, module: str = "mt2st_lightning.train"
+    *args: str, cwd: Path, timeout: float = 120, module: str = "mt2st_lightning.train", warnings: bool = False
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    if not warnings:
+        env["PYTHONWARNINGS"] = "ignore"
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         check=False,
@@ -84,12 +86,16 @@ def test_default_config_is_a_quick_digits_switch_run():
     assert cfg.strategy.strategy == "switch" and cfg.label == "switch"
     assert cfg.model.primary == cfg.data.label_task == "digit"
     assert cfg.trainer.enable_progress_bar is True
-    assert list(cfg.callbacks) == ["model_checkpoint", "cost_meter"]
-    assert cfg.callbacks.model_checkpoint.save_last is True
+    assert list(cfg.callbacks) == ["model_checkpoint", "last_checkpoint", "on_exception_checkpoint", "cost_meter"]
+    # The best epoch for testing, and last.ckpt from a second checkpoint callback without a monitor: the
+    # latest state at every epoch end, whatever the monitored metric does.
     assert (cfg.callbacks.model_checkpoint.monitor, cfg.callbacks.model_checkpoint.mode) == (
         "val/primary_metric",
         "max",
     )
+    assert cfg.callbacks.model_checkpoint.save_last is False
+    last = cfg.callbacks.last_checkpoint
+    assert (last.monitor, last.filename, last.save_top_k) == (None, "last", 1)
 
 
 @pytest.mark.parametrize("name", options("strategy"))
@@ -105,7 +111,9 @@ def test_the_mt2st_callback_comes_first_and_the_meter_second(tmp_path):
     cfg = compose_train(f"paths.output_dir={tmp_path}", "callbacks=[default,early_stopping]")
     mt2st, callbacks = instantiate_callbacks(cfg)
     assert callbacks[0] is mt2st and isinstance(callbacks[1], PhaseCostMeter)
-    assert [type(c).__name__ for c in callbacks[2:]] == ["ModelCheckpoint", "EarlyStopping"]
+    assert [type(c).__name__ for c in callbacks[2:]] == [
+        "ModelCheckpoint", "ModelCheckpoint", "FailureCheckpoint", "EarlyStopping"
+    ]
 
 
 @pytest.mark.parametrize("name", options("model"))
@@ -265,18 +273,51 @@ class CrashAtStep(L.Callback):
             raise RuntimeError("simulated failure")
 
 
-def test_a_failed_run_keeps_its_checkpoint_and_logs_and_resumes(tmp_path):
+def test_a_failed_run_saves_its_state_at_the_exception_and_resumes_in_its_folder(tmp_path):
     crash = ["+callbacks.crash._target_=tests.test_app.CrashAtStep", "+callbacks.crash.step=6"]
     cfg = compose_train(f"paths.output_dir={tmp_path}", "experiment=smoke", *crash)
     with pytest.raises(RuntimeError, match="simulated failure"):
         train(cfg)
-    last = tmp_path / "checkpoints" / "last.ckpt"
+    last, at_failure = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "checkpoints" / "on_exception.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 4  # the end of the first epoch, after the switch
+    assert torch.load(at_failure, weights_only=False)["global_step"] == 6  # the state when it failed
+    assert not (tmp_path / "run_summary.json").exists()
     rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
-    assert {int(r["step"]) for r in rows if r.get("mt2st/weight/recon")} >= {0, 1, 2, 3, 4, 5}
-    # Resuming finishes the run: the heads stay dropped and the step count is the uninterrupted one.
-    resumed = train(compose_train(f"paths.output_dir={tmp_path / 'resumed'}", "experiment=smoke", f"ckpt_path={last}"))
+    assert {int(r["step"]) for r in rows if r.get("mt2st/weight/recon")} == {0, 1, 2, 3, 4, 5, 6}
+    # Resuming finishes the run in its own folder: the heads stay dropped, the step count is the
+    # uninterrupted one, and metrics.csv holds each step once.
+    resumed = train(compose_train(f"paths.output_dir={tmp_path / 'elsewhere'}", "experiment=smoke", f"ckpt_path={last}"))
     assert resumed["total_steps"] == 8 and resumed["drop_times"] == {task: 2 for task in AUX}
+    assert json.loads((tmp_path / "run_summary.json").read_text()) == resumed
+    assert [p["batches"] for p in resumed["phases"].values()] == [2, 6]  # the cost from step 0
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    steps = [int(r["step"]) for r in rows if r.get("mt2st/weight/recon")]
+    assert steps == list(range(8))
+    assert not at_failure.exists()  # OnExceptionCheckpoint removes it when a fit ends normally
+
+
+def test_last_ckpt_is_the_last_epoch_whatever_the_monitored_metric_does(tmp_path):
+    # mode=min on an accuracy: the best checkpoint stays at the first epoch; last.ckpt must still move on.
+    cfg = compose_train(f"paths.output_dir={tmp_path}", "experiment=smoke", "callbacks.model_checkpoint.mode=min", "test=false")
+    train(cfg)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
+    assert torch.load(tmp_path / "checkpoints" / "epoch000.ckpt", weights_only=False)["global_step"] == 4
+
+
+def test_a_resume_with_other_settings_than_the_run_is_refused(tmp_path):
+    train(compose_train(f"paths.output_dir={tmp_path}", "experiment=smoke", "test=false"))
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(compose_train("experiment=smoke", "test=false")))
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- experiment=smoke\n- test=false\n")
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match=r"differs from that run's in model.lr.*mt2st-train experiment=smoke test=false"):
+        train(compose_train(f"paths.output_dir={tmp_path / 'x'}", "experiment=smoke", "test=false", "model.lr=0.5", f"ckpt_path={last}"))
+
+
+def test_a_missing_checkpoint_fails_before_anything_is_built(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ckpt_path=.*does not exist"):
+        train(compose_train(f"paths.output_dir={tmp_path}", f"ckpt_path={tmp_path / 'nope.ckpt'}"))
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.slow
@@ -346,16 +387,20 @@ def test_multirun_then_report(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_cpu_trains_across_a_switch(tmp_path):
+def test_ddp_cpu_trains_across_a_switch_and_evaluates_every_sample_once(tmp_path):
     start = time.perf_counter()
     result = run_cli(
         "experiment=smoke",
         "trainer=ddp_cpu",
         "trainer.max_steps=6",
         "strategy.switch_at=3",
+        # The whole validation and test splits: 269 samples each, split over 2 processes (135 + 134).
+        "trainer.limit_val_batches=null",
+        "trainer.limit_test_batches=null",
         f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
         timeout=90,
+        warnings=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert time.perf_counter() - start < 60
@@ -363,6 +408,10 @@ def test_ddp_cpu_trains_across_a_switch(tmp_path):
     assert summary["total_steps"] == 6
     assert summary["drop_times"] == {task: 3 for task in AUX}
     assert [p["batches"] for p in summary["phases"].values()] == [3, 3]
+    # Lightning's DistributedSampler would pad the odd split to 270 (one sample counted twice).
+    assert summary["val_samples"] == summary["test_samples"] == 269
+    assert summary["settings"]["devices"] == 2
+    assert "sync_dist" not in result.stderr + result.stdout
 
 
 @pytest.mark.slow

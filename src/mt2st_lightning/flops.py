@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.flop_counter import FlopCounterMode
 
 from mt2st_lightning.callback import MT2STCallback
+from mt2st_lightning.names import COST_FLOPS, COST_FLOPS_AT_VAL, COST_FLOPS_PER_BATCH, COST_TIME, COST_TIME_AT_VAL
 
 __all__ = ["PhaseCostMeter", "count_flops"]
 
@@ -43,6 +44,9 @@ class PhaseCostMeter(Callback):
     Logged every step: ``cost/flops`` (cumulative, this process), ``cost/time_s`` (cumulative time inside
     training batches) and ``cost/flops_per_batch``. Place it after ``MT2STCallback`` in the callback list, so
     that a batch's phase is known when it starts.
+
+    Its state (the counts so far, and the fit's wall time up to the checkpoint) is saved in checkpoints, so a
+    resumed run reports the whole run's cost, from step 0.
     """
 
     def __init__(self, log: bool = True) -> None:
@@ -57,8 +61,13 @@ class PhaseCostMeter(Callback):
         self._phase = ""
         self._t0 = 0.0
         self._schedulers: list[MT2STCallback] = []
+        #: Wall time the run had spent in earlier fits, up to the checkpoint this fit resumed from.
+        self.wall_time_before_resume_s = 0.0
+        self._fit_start = time.perf_counter()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._fit_start = time.perf_counter()
         # Found once here; each batch reads their `measuring` flag.
         self._schedulers = [c for c in trainer.callbacks if isinstance(c, MT2STCallback)]
         if any(trainer.callbacks.index(c) > trainer.callbacks.index(self) for c in self._schedulers):
@@ -89,7 +98,7 @@ class PhaseCostMeter(Callback):
         self.total_time_s += elapsed
         if self.log:
             pl_module.log_dict(
-                {"cost/flops": float(self.total_flops), "cost/time_s": self.total_time_s, "cost/flops_per_batch": float(flops)},
+                {COST_FLOPS: float(self.total_flops), COST_TIME: self.total_time_s, COST_FLOPS_PER_BATCH: float(flops)},
                 on_step=True, on_epoch=False, batch_size=1,
             )
 
@@ -100,8 +109,12 @@ class PhaseCostMeter(Callback):
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The cost so far, in the same logged row as the validation metrics: time-to-target reads it there.
+        # Under DDP, the slowest rank's time (every rank counts the same FLOPs): one all-reduce per validation.
         if self.log and not trainer.sanity_checking:
-            pl_module.log_dict({"cost/flops_at_val": float(self.total_flops), "cost/time_s_at_val": self.total_time_s})
+            pl_module.log_dict(
+                {COST_FLOPS_AT_VAL: float(self.total_flops), COST_TIME_AT_VAL: self.total_time_s},
+                sync_dist=True, reduce_fx="max",
+            )
 
     def summary(self) -> dict[str, Any]:
         """Per phase: tasks, batches, FLOPs per batch, total time and median batch time."""
@@ -127,8 +140,11 @@ class PhaseCostMeter(Callback):
             "batch_times": {k: list(v) for k, v in self.batch_times.items()},
             "total_flops": self.total_flops,
             "total_time_s": self.total_time_s,
+            "wall_time_s": self.wall_time_before_resume_s + time.perf_counter() - self._fit_start,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for key, value in state_dict.items():
+        state = dict(state_dict)
+        self.wall_time_before_resume_s = float(state.pop("wall_time_s", 0.0))
+        for key, value in state.items():
             setattr(self, key, value)

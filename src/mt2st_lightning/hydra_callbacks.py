@@ -27,7 +27,4 @@ class SweepSummary(Callback):
             # Training is done and saved; a failed summary must not hide that. Hydra would only warn anyway.
             log.exception("Could not summarise the sweep; run `mt2st-report %s` to retry", sweep_dir)
             return
-        print(
-            f"\nMT2ST sweep summary ({sweep_dir}):\n\n{report.table}\n\nReport: {report.markdown_path}",
-            flush=True,
-        )
+        print(f"\nMT2ST sweep summary ({sweep_dir}):\n\n{report.console_text(sweep_dir)}", flush=True)

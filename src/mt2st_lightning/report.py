@@ -1,7 +1,9 @@
 """``mt2st-report DIR``: compare MT2ST runs in the style of the paper's Table V, from what the runs wrote.
 
 Finds every ``run_summary.json`` below ``DIR`` (written by ``mt2st-train``) and each run's ``metrics.csv``
-(Lightning's ``CSVLogger``), groups the runs by label (the strategy, by default) and writes into ``DIR``:
+(Lightning's ``CSVLogger``), groups the runs by label (the strategy, by default) and by the settings that change
+a result (data, model, strategy parameters, planned length, precision, number of processes; a label whose runs
+differ there is split into one row per setting, with a message), and writes into ``DIR``:
 
 - ``summary.md`` and ``summary.csv``: per group, mean ± std over seeds of test and best validation accuracy,
   wall time, training FLOPs, the compression rate against STL, FLOPs per batch after the switch, and the
@@ -9,7 +11,9 @@ Finds every ``run_summary.json`` below ``DIR`` (written by ``mt2st-train``) and 
 - ``curves_vs_step.png``, ``curves_vs_flops.png``: primary training loss and validation accuracy;
 - ``aux_weights.png``: the auxiliary weights over time, with the steps where heads were dropped.
 
-Definitions:
+Run folders without a ``run_summary.json`` (killed, failed or still running) are listed as incomplete.
+
+Definitions (the STL runs: those with the row's data, model, length, precision and processes):
     compression = 1 - FLOPs(run) / mean FLOPs(STL runs)   (negative: more compute than STL)
     target      = mean over STL runs of the final val/primary_metric
     to target   = cost/time_s_at_val and cost/flops_at_val in the first validation row with
@@ -28,13 +32,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mt2st_lightning.names import (
+    COST_FLOPS,
+    COST_FLOPS_AT_VAL as FLOPS_AT_VAL,
+    COST_TIME_AT_VAL as TIME_AT_VAL,
+    VAL_PRIMARY_METRIC as VAL_METRIC,
+    WEIGHT_PREFIX,
+    task_loss,
+)
+
 __all__ = [
+    "RESUME_POINTER_FILE",
     "SUMMARY_FILE",
+    "IncompleteRun",
     "Report",
     "Row",
     "Run",
     "Stat",
     "collect_runs",
+    "find_incomplete_runs",
     "main",
     "markdown_table",
     "plot_curves",
@@ -45,13 +61,12 @@ __all__ = [
 ]
 
 SUMMARY_FILE = "run_summary.json"
-VAL_METRIC = "val/primary_metric"
-FLOPS_AT_VAL = "cost/flops_at_val"
-TIME_AT_VAL = "cost/time_s_at_val"
-WEIGHT_PREFIX = "mt2st/weight/"
+#: Written by a resumed launch into its own Hydra folder: the run it continued (in that run's folder).
+RESUME_POINTER_FILE = "continues_run.json"
 # Table order for the built-in strategies; other labels follow alphabetically.
 STRATEGY_ORDER = ("stl", "mtl", "diminish", "switch", "gradnorm", "fisher", "noise")
-LINESTYLES = ("-", "--", ":", "-.")
+LINESTYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -70,6 +85,11 @@ class Run:
     @property
     def strategy(self) -> str:
         return str(self.summary["strategy"])
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What changes the result besides label and seed (empty for summaries written before it existed)."""
+        return self.summary.get("settings") or {}
 
     @property
     def val_rows(self) -> list[dict[str, float]]:
@@ -109,6 +129,23 @@ class Run:
         return steps
 
 
+@dataclass
+class IncompleteRun:
+    """A run folder without a ``run_summary.json``: killed, failed, or still running."""
+
+    dir: Path
+    last_step: int | None  # the last step in its metrics.csv
+    has_last_checkpoint: bool
+
+    def describe(self, base: Path) -> str:
+        where = _link(self.dir, base)
+        step = "no metrics logged" if self.last_step is None else f"last logged step {self.last_step}"
+        resume = (
+            f"; resume with ckpt_path={self.dir / 'checkpoints' / 'last.ckpt'}" if self.has_last_checkpoint else "; no checkpoint"
+        )
+        return f"{where}: {step}{resume}"
+
+
 def read_metrics(path: Path) -> list[dict[str, float]]:
     """The rows of a ``metrics.csv``, each holding only the columns it has a value in."""
     with open(path, newline="") as f:
@@ -116,7 +153,7 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
 
 
 def collect_runs(root: str | Path) -> list[Run]:
-    """Every run below ``root`` (or ``root`` itself), in path order."""
+    """Every finished run below ``root`` (or ``root`` itself), in path order."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"no such folder: {root}")
@@ -130,16 +167,80 @@ def collect_runs(root: str | Path) -> list[Run]:
     return runs
 
 
-def group_runs(runs: Iterable[Run]) -> dict[str, list[Run]]:
-    """Runs by label, the built-in strategies first in their usual order."""
-    groups: dict[str, list[Run]] = {}
-    for run in runs:
-        groups.setdefault(run.label, []).append(run)
+def find_incomplete_runs(root: str | Path) -> list[IncompleteRun]:
+    """Run folders below ``root`` (a Hydra ``.hydra/`` folder, ``checkpoints/`` or ``csv/metrics.csv``) without a
+    ``run_summary.json``. A folder that only launched a resume (``continues_run.json``) is part of the run it
+    continued, not a run of its own."""
+    root = Path(root)
+    candidates = {p.parent for p in root.rglob(".hydra") if p.is_dir()}
+    candidates |= {p.parent for p in root.rglob("checkpoints") if p.is_dir()}
+    candidates |= {p.parent.parent for p in root.rglob("metrics.csv") if p.parent.name == "csv"}
+    incomplete = []
+    for run in sorted(candidates):
+        if (run / SUMMARY_FILE).is_file() or (run / RESUME_POINTER_FILE).is_file():
+            continue
+        metrics = run / "csv" / "metrics.csv"
+        rows = read_metrics(metrics) if metrics.is_file() else []
+        steps = [int(r["step"]) for r in rows if "step" in r]
+        incomplete.append(IncompleteRun(run, max(steps) if steps else None, (run / "checkpoints" / "last.ckpt").is_file()))
+    return incomplete
 
-    def key(label: str) -> tuple[int, str]:
+
+# ---------------------------------------------------------------------------------------------- grouping
+def _flatten(settings: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(settings, dict):
+        out: dict[str, Any] = {}
+        for key, value in settings.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): json.dumps(settings, sort_keys=True)}
+
+
+def _settings_key(settings: dict[str, Any], without: tuple[str, ...] = ()) -> str:
+    return json.dumps({k: v for k, v in settings.items() if k not in without}, sort_keys=True)
+
+
+def _short(value: str) -> str:
+    """``"mt2st_lightning.models.ConvEncoder"`` -> ``ConvEncoder``; other values as they are."""
+    text = value.strip('"')
+    return text.rsplit(".", 1)[-1] if text.count(".") >= 2 and " " not in text else text
+
+
+@dataclass
+class Group:
+    """Runs that share a label and every setting: what one table row averages."""
+
+    label: str  # the row's name: the runs' label, plus the settings that tell it apart from its namesakes
+    runs: list[Run]
+
+
+def group_runs(runs: Iterable[Run], messages: list[str] | None = None) -> list[Group]:
+    """Runs by label and settings, the built-in strategies first in their usual order. A label whose runs
+    differ in their settings becomes one row per setting, named by what differs (a message says so)."""
+    by_label: dict[str, dict[str, list[Run]]] = {}
+    for run in runs:
+        by_label.setdefault(run.label, {}).setdefault(_settings_key(run.settings), []).append(run)
+
+    def order(label: str) -> tuple[int, str]:
         return (STRATEGY_ORDER.index(label) if label in STRATEGY_ORDER else len(STRATEGY_ORDER), label)
 
-    return {label: groups[label] for label in sorted(groups, key=key)}
+    groups = []
+    for label in sorted(by_label, key=order):
+        variants = list(by_label[label].values())
+        if len(variants) == 1:
+            groups.append(Group(label, variants[0]))
+            continue
+        flat = [_flatten(v[0].settings) for v in variants]
+        differ = sorted({k for f in flat for k in f if len({g.get(k) for g in flat}) > 1})
+        if messages is not None:
+            messages.append(
+                f"Runs labelled {label!r} differ in {', '.join(differ)}: not averaged together, split into "
+                f"{len(variants)} rows."
+            )
+        for runs_, f in zip(variants, flat, strict=True):
+            suffix = ", ".join(f"{k}={_short(f[k]) if k in f else '?'}" for k in differ)
+            groups.append(Group(f"{label} ({suffix})", runs_))
+    return groups
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -181,48 +282,73 @@ class Row:
     time_to_target_s: Stat | None
     flops_to_target: Stat | None
     reached_target: int
+    target: float | None = None  # the val accuracy this row's time/FLOPs to target refer to
+    baseline_flops: float | None = None  # the STL FLOPs this row's compression refers to
 
 
 @dataclass
 class Summary:
-    """The table's rows and what they are measured against (``None`` without STL runs)."""
+    """The table's rows and what they are measured against (``None`` without STL runs, or when rows of
+    different settings have different STL baselines: then each row holds its own)."""
 
     rows: list[Row]
     target: float | None  # the STL runs' mean final validation accuracy
     stl_flops: float | None  # the STL runs' mean training FLOPs: the compression baseline
+    messages: list[str] = field(default_factory=list)  # how unlike runs were kept apart
+
+
+# Runs of another strategy compare against the STL runs that share these settings, not their strategy's.
+_BASELINE_FREE = ("strategy",)
 
 
 def summarize(runs: Sequence[Run]) -> Summary:
-    """One row per label. Compression and the target come from the runs with strategy ``stl``."""
-    stl = [r for r in runs if r.strategy == "stl"]
-    stl_flops = Stat.of(r.summary.get("train_flops") for r in stl)
-    stl_final = Stat.of(r.final_val for r in stl)
-    baseline = stl_flops.mean if stl_flops is not None and stl_flops.mean > 0 else None
-    target = stl_final.mean if stl_final is not None else None
+    """One row per label and setting. Compression and the target come from the runs with strategy ``stl`` that
+    share the row's data, model, planned length, precision and number of processes."""
+    baselines: dict[str, tuple[float | None, float | None]] = {}
+    for key in {_settings_key(r.settings, _BASELINE_FREE) for r in runs}:
+        stl = [r for r in runs if r.strategy == "stl" and _settings_key(r.settings, _BASELINE_FREE) == key]
+        stl_flops = Stat.of(r.summary.get("train_flops") for r in stl)
+        stl_final = Stat.of(r.final_val for r in stl)
+        baselines[key] = (
+            stl_final.mean if stl_final is not None else None,
+            stl_flops.mean if stl_flops is not None and stl_flops.mean > 0 else None,
+        )
 
+    messages: list[str] = []
     rows = []
-    for label, group in group_runs(runs).items():
-        flops = Stat.of(r.summary.get("train_flops") for r in group)
-        reached = [hit for r in group if target is not None and (hit := r.first_reach(target)) is not None]
+    for group in group_runs(runs, messages):
+        runs_ = group.runs
+        target, baseline = baselines[_settings_key(runs_[0].settings, _BASELINE_FREE)]
+        flops = Stat.of(r.summary.get("train_flops") for r in runs_)
+        reached = [hit for r in runs_ if target is not None and (hit := r.first_reach(target)) is not None]
         rows.append(
             Row(
-                label=label,
-                strategy=group[0].strategy,
-                runs=len(group),
-                seeds=sorted(r.summary.get("seed") for r in group),
-                test_acc=Stat.of(r.summary.get("test_primary_metric") for r in group),
-                best_val_acc=Stat.of(r.best_val for r in group),
-                wall_time_s=Stat.of(r.summary.get("fit_wall_time_s") for r in group),
-                train_time_s=Stat.of(r.summary.get("train_time_s") for r in group),
+                label=group.label,
+                strategy=runs_[0].strategy,
+                runs=len(runs_),
+                seeds=sorted(r.summary.get("seed") for r in runs_),
+                test_acc=Stat.of(r.summary.get("test_primary_metric") for r in runs_),
+                best_val_acc=Stat.of(r.best_val for r in runs_),
+                wall_time_s=Stat.of(r.summary.get("fit_wall_time_s") for r in runs_),
+                train_time_s=Stat.of(r.summary.get("train_time_s") for r in runs_),
                 train_flops=flops,
                 compression=_compression(flops, baseline),
-                flops_per_batch_last_phase=Stat.of(r.flops_per_batch_last_phase for r in group),
+                flops_per_batch_last_phase=Stat.of(r.flops_per_batch_last_phase for r in runs_),
                 time_to_target_s=Stat.of(hit.get(TIME_AT_VAL) for hit in reached),
                 flops_to_target=Stat.of(hit.get(FLOPS_AT_VAL) for hit in reached),
                 reached_target=len(reached),
+                target=target,
+                baseline_flops=baseline,
             )
         )
-    return Summary(rows, target, baseline)
+    used = {(row.target, row.baseline_flops) for row in rows}
+    target, stl_flops = used.pop() if len(used) == 1 else (None, None)
+    if len(used) > 0:
+        messages.append(
+            "Rows of different settings have different STL runs to compare with: each row's compression and "
+            "target are against the STL runs of its own settings (summary.csv: target_val_acc, stl_flops)."
+        )
+    return Summary(rows, target, stl_flops, messages)
 
 
 def _compression(flops: Stat | None, baseline: float | None) -> Stat | None:
@@ -254,8 +380,8 @@ def _cell(stat: Stat | None, fmt: Any) -> str:
     return "" if stat is None else stat.format(fmt)
 
 
-def _to_target(stat: Stat | None, row: Row, fmt: Any, target: float | None) -> str:
-    if target is None:
+def _to_target(stat: Stat | None, row: Row, fmt: Any) -> str:
+    if row.target is None:
         return ""
     if row.reached_target == 0:
         return "not reached"
@@ -292,20 +418,21 @@ def markdown_table(summary: Summary) -> str:
             _cell(row.train_flops, _si),
             _cell(row.compression, _percent),
             _cell(row.flops_per_batch_last_phase, _si),
-            _to_target(row.time_to_target_s, row, _seconds, summary.target),
-            _to_target(row.flops_to_target, row, _si, summary.target),
+            _to_target(row.time_to_target_s, row, _seconds),
+            _to_target(row.flops_to_target, row, _si),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def table_notes(summary: Summary) -> str:
-    notes = []
-    if summary.stl_flops is None:
+    notes = list(summary.messages)
+    per_row = summary.stl_flops is None and any(row.baseline_flops is not None for row in summary.rows)
+    if summary.stl_flops is None and not per_row:  # with per-row baselines, a message above says so
         notes.append(
             "No STL run here: compression is relative to nothing and left blank, and so is the target."
         )
-    else:
+    elif summary.stl_flops is not None:
         notes.append(
             f"Compression = 1 - FLOPs / {_si(summary.stl_flops)}FLOPs (the STL runs' mean training FLOPs)."
         )
@@ -346,8 +473,9 @@ def write_csv(summary: Summary, path: Path) -> None:
             "flops_to_target",
         ):
             record.update(_stat_fields(name, getattr(row, name)))
-        record["reached_target"] = row.reached_target if summary.target is not None else ""
-        record["target_val_acc"] = "" if summary.target is None else summary.target
+        record["reached_target"] = row.reached_target if row.target is not None else ""
+        record["target_val_acc"] = "" if row.target is None else row.target
+        record["stl_flops"] = "" if row.baseline_flops is None else row.baseline_flops
         records.append(record)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else ["strategy"])
@@ -380,40 +508,98 @@ def _mean_curve(runs: Sequence[Run], y: str, x: str) -> tuple[list[float], list[
     return xs, ys
 
 
-def _primary_loss_column(runs: Sequence[Run]) -> str | None:
-    primary = next((r.summary.get("primary_task") for r in runs if r.summary.get("primary_task")), None)
-    return f"train/loss/{primary}" if primary else None
+def _primary_task(runs: Sequence[Run]) -> str | None:
+    return next((r.summary.get("primary_task") for r in runs if r.summary.get("primary_task")), None)
+
+
+def _style(i: int, points: int) -> dict[str, Any]:
+    """Colour, dashes and markers of the i-th line: lines that lie on top of each other stay visible, and the
+    markers of different lines sit at different points (staggered)."""
+    every = max(1, points // 6)
+    return {
+        "color": f"C{i % 10}",
+        "linestyle": LINESTYLES[i % len(LINESTYLES)],
+        "marker": MARKERS[i % len(MARKERS)],
+        "markevery": (min(i * max(1, every // 4), max(points - 1, 0)), every),
+        "markersize": 5,
+        "markerfacecolor": "none",
+    }
+
+
+def _flops_at(run: Run, step: float) -> float | None:
+    """Cumulative training FLOPs just before ``step`` (the last ``cost/flops`` row before it)."""
+    rows = [r for r in run.metrics if COST_FLOPS in r and "step" in r and r["step"] < step]
+    return rows[-1][COST_FLOPS] if rows else 0.0 if step <= 0 else None
+
+
+def _drop_points(group: Group, axis: str) -> list[float]:
+    """Where the group's heads were dropped, on the x axis of the plot (steps, or GFLOP then)."""
+    steps = sorted({s for r in group.runs for s in r.drop_steps().values()})
+    if axis == "step":
+        return steps
+    points = []
+    for step in steps:
+        flops = [f for r in group.runs if (f := _flops_at(r, step)) is not None]
+        if flops:
+            points.append(statistics.fmean(flops) / 1e9)
+    return points
+
+
+def _legend(fig: Any, handles: list[Any], labels: list[str]) -> None:
+    """One legend under all panels."""
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), fontsize=8, frameon=False)
+
+
+def _drop_handle(color: str = "0.3") -> Any:
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], color=color, linestyle=(0, (1, 2)), linewidth=1.2)
 
 
 def plot_curves(runs: Sequence[Run], out_dir: Path) -> list[Path]:
-    """Primary training loss and validation accuracy per strategy (mean over seeds; faint: each run), against
-    optimizer steps and against cumulative training FLOPs."""
+    """Primary training loss and validation accuracy per row (mean over seeds; faint: each run), against
+    optimizer steps and against cumulative training FLOPs; dotted verticals where the row's heads left."""
     groups = group_runs(r for r in runs if r.metrics)
-    loss = _primary_loss_column(runs)
-    if not groups or loss is None:
+    primary = _primary_task(runs)
+    if not groups or primary is None:
         return []
+    loss = task_loss(primary)
     paths = []
-    for axis, (train_x, val_x, xlabel) in {
-        "step": ("step", "step", "optimizer step"),
-        "flops": ("cost/flops", FLOPS_AT_VAL, "cumulative training FLOPs"),
-    }.items():
-        fig, axes = _figure(1, 2)
+    axes_spec = {
+        "step": ("step", "step", 1.0, "training step (optimizer steps)"),
+        "flops": (COST_FLOPS, FLOPS_AT_VAL, 1e9, "cumulative training compute (GFLOP)"),
+    }
+    for axis, (train_x, val_x, x_scale, xlabel) in axes_spec.items():
+        fig, axes = _figure(1, 2, height=4.2)
         panels = (
-            (axes[0][0], loss, train_x, "primary training loss"),
-            (axes[0][1], VAL_METRIC, val_x, "validation accuracy"),
+            (axes[0][0], loss, train_x, 1.0, f"training loss of the primary task '{primary}' (log scale)"),
+            (axes[0][1], VAL_METRIC, val_x, 100.0, f"validation accuracy of '{primary}' (%)"),
         )
-        for ax, y, x, title in panels:
-            for i, (label, group) in enumerate(groups.items()):
-                color = f"C{i}"
-                for run in group:
+        handles, labels = [], []
+        for panel, (ax, y, x, y_scale, ylabel) in enumerate(panels):
+            for i, group in enumerate(groups):
+                style = _style(i, 1)
+                for run in group.runs:
                     pts = [xy for _, xy in sorted(_series(run, y, x).items())]  # in step order
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, alpha=0.2, linewidth=0.8)
-                xs, ys = _mean_curve(group, y, x)
-                ax.plot(xs, ys, color=color, linewidth=1.8, label=f"{label} (n={len(group)})")
-            ax.set(title=title, xlabel=xlabel, ylabel=y)
+                    ax.plot([p[0] / x_scale for p in pts], [p[1] * y_scale for p in pts], color=style["color"], alpha=0.2, linewidth=0.8)
+                xs, ys = _mean_curve(group.runs, y, x)
+                (line,) = ax.plot(
+                    [v / x_scale for v in xs], [v * y_scale for v in ys], linewidth=1.6, **_style(i, len(xs))
+                )
+                for point in _drop_points(group, axis):
+                    ax.axvline(point, color=style["color"], linestyle=(0, (1, 2)), linewidth=1.2, alpha=0.9)
+                if panel == 0:
+                    handles.append(line)
+                    labels.append(f"{group.label} (mean of {len(group.runs)} run{'s' * (len(group.runs) > 1)})")
+            ax.set(xlabel=xlabel, ylabel=ylabel)
             ax.grid(alpha=0.3)
         axes[0][0].set_yscale("log")
-        axes[0][1].legend(loc="lower right")
+        axes[0][0].set_title("Primary task: training loss", fontsize=10)
+        axes[0][1].set_title("Primary task: validation accuracy", fontsize=10)
+        if any(_drop_points(g, axis) for g in groups):
+            handles.append(_drop_handle())
+            labels.append("auxiliary heads dropped (dotted, in the row's colour)")
+        _legend(fig, handles, labels)
         path = out_dir / f"curves_vs_{axis}.png"
         fig.savefig(path, dpi=110)
         paths.append(path)
@@ -421,40 +607,51 @@ def plot_curves(runs: Sequence[Run], out_dir: Path) -> list[Path]:
 
 
 def plot_weights(runs: Sequence[Run], out_dir: Path) -> Path | None:
-    """The auxiliary weights ``mt2st/weight/<task>`` against steps, one panel per strategy (mean over seeds),
-    with a dashed line where heads were dropped."""
+    """The auxiliary weights ``mt2st/weight/<task>`` against steps, one panel per row (mean over seeds), with a
+    dotted line where heads were dropped."""
     groups = group_runs(r for r in runs if any(k.startswith(WEIGHT_PREFIX) for row in r.metrics for k in row))
     if not groups:
         return None
     ncols = 1 if len(groups) == 1 else 2 if len(groups) <= 4 else 3
     nrows = math.ceil(len(groups) / ncols)
-    fig, axes = _figure(nrows, ncols, width=4.8, height=3.0)
-    for ax, (label, group) in zip((ax for row in axes for ax in row), groups.items(), strict=False):
-        columns = sorted({k for r in group for row in r.metrics for k in row if k.startswith(WEIGHT_PREFIX)})
-        top = 0.0
-        for i, column in enumerate(columns):
-            xs, ys = _mean_curve(group, column, "step")
-            # Tasks often share one weight: distinct dashes keep every line visible where they overlap.
-            ax.plot(
-                xs,
-                ys,
-                color=f"C{i}",
-                linestyle=LINESTYLES[i % len(LINESTYLES)],
-                linewidth=1.6,
-                label=column.removeprefix(WEIGHT_PREFIX),
-            )
-            top = max([top, *ys])
-        ax.set_ylim(-0.05 * max(top, 1.0), 1.08 * max(top, 1.0))
-        drops = sorted({step for r in group for step in r.drop_steps().values()})
+    fig, axes = _figure(nrows, ncols, width=4.8, height=3.2)
+    tasks = sorted({k for g in groups for r in g.runs for row in r.metrics for k in row if k.startswith(WEIGHT_PREFIX)})
+    handles: dict[str, Any] = {}
+    for ax, group in zip((ax for row in axes for ax in row), groups, strict=False):
+        top, first = 0.0, None
+        for i, column in enumerate(tasks):
+            xs, ys = _mean_curve(group.runs, column, "step")
+            if not xs:  # the runs share no logged step: each run's own line
+                pts = sorted(_series(group.runs[0], column, "step").values())
+                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            if not xs:
+                continue
+            # Tasks often share one weight: dashes and staggered markers keep every line visible.
+            (line,) = ax.plot(xs, ys, linewidth=1.5, **_style(i, len(xs)))
+            handles.setdefault(column.removeprefix(WEIGHT_PREFIX), line)
+            top, first = max([top, *ys]), xs[0] if first is None else min(first, xs[0])
+        ax.set_ylim(-0.05 * max(top, 1.0), 1.1 * max(top, 1.0))
+        ax.set_xlim(left=0)
+        drops = sorted({step for r in group.runs for step in r.drop_steps().values()})
         for step in drops:
-            ax.axvline(step, color="k", linestyle="--", linewidth=1)
-        title = label + (f": heads dropped at step {', '.join(f'{s:g}' for s in drops)}" if drops else "")
-        ax.set(title=title, xlabel="optimizer step", ylabel="auxiliary weight")
-        ax.title.set_fontsize(9)
+            ax.axvline(step, color="0.3", linestyle=(0, (1, 2)), linewidth=1.2)
+        n = len(group.runs)
+        title = f"{group.label}, {n} run{'s' * (n > 1)}" + (
+            f": heads dropped at step {', '.join(f'{s:g}' for s in drops)}" if drops else ": no head dropped"
+        )
+        if first:
+            title += f"\n(weights logged from step {first:g})"
+        ax.set_title(title, fontsize=9)
+        ax.set(xlabel="training step (optimizer steps)", ylabel="auxiliary loss weight (unitless)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
     for ax in [ax for row in axes for ax in row][len(groups) :]:
         ax.set_visible(False)
+    labels = [f"weight of '{task}'" for task in handles]
+    legend_handles = list(handles.values())
+    if any(r.drop_steps() for g in groups for r in g.runs):
+        legend_handles.append(_drop_handle())
+        labels.append("auxiliary heads dropped")
+    _legend(fig, legend_handles, labels)
     path = out_dir / "aux_weights.png"
     fig.savefig(path, dpi=110)
     return path
@@ -468,6 +665,25 @@ class Report:
     markdown_path: Path
     csv_path: Path
     plots: list[Path]
+    incomplete: list[IncompleteRun] = field(default_factory=list)
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file the report wrote."""
+        return [self.markdown_path, self.csv_path, *self.plots]
+
+    def console_text(self, root: Path) -> str:
+        """The table, its notes, the incomplete runs and the path of every file written."""
+        parts = [self.table, "", table_notes(self.summary)]
+        if self.incomplete:
+            parts += ["", incomplete_note(self.incomplete, root)]
+        parts += ["", "Wrote:", *(f"  {p}" for p in self.files)]
+        return "\n".join(parts)
+
+
+def incomplete_note(incomplete: Sequence[IncompleteRun], root: Path) -> str:
+    lines = [f"Incomplete runs (no {SUMMARY_FILE}: killed, failed or still running; not in the table):"]
+    return "\n".join(lines + [f"- {run.describe(root)}" for run in incomplete])
 
 
 def write_report(root: str | Path, out_dir: str | Path | None = None) -> Report:
@@ -475,9 +691,11 @@ def write_report(root: str | Path, out_dir: str | Path | None = None) -> Report:
     (default ``root``)."""
     root = Path(root)
     runs = collect_runs(root)
+    incomplete = find_incomplete_runs(root)
     if not runs:
+        found = f" ({len(incomplete)} incomplete run folders: {', '.join(str(r.dir) for r in incomplete)})" if incomplete else ""
         raise FileNotFoundError(
-            f"no {SUMMARY_FILE} below {root}: point mt2st-report at a run or sweep folder"
+            f"no {SUMMARY_FILE} below {root}{found}: point mt2st-report at a run or sweep folder"
         )
     out = Path(out_dir) if out_dir is not None else root
     out.mkdir(parents=True, exist_ok=True)
@@ -491,11 +709,12 @@ def write_report(root: str | Path, out_dir: str | Path | None = None) -> Report:
     markdown_path, csv_path = out / "summary.md", out / "summary.csv"
     write_csv(summary, csv_path)
     images = "\n".join(f"![{p.stem}]({_link(p, out)})" for p in plots)
+    unfinished = f"{incomplete_note(incomplete, root)}\n\n" if incomplete else ""
     markdown_path.write_text(
-        f"# MT2ST runs in {root}\n\n{len(runs)} runs, mean ± std over seeds.\n\n{table}\n\n"
-        f"{table_notes(summary)}\n\n{images}\n"
+        f"# MT2ST runs in {root}\n\n{len(runs)} finished runs; each row: mean ± std over its runs' seeds.\n\n"
+        f"{table}\n\n{table_notes(summary)}\n\n{unfinished}{images}\n"
     )
-    return Report(summary, table, markdown_path, csv_path, plots)
+    return Report(summary, table, markdown_path, csv_path, plots, incomplete)
 
 
 def _link(path: Path, base: Path) -> str:
@@ -516,10 +735,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         report = write_report(args.dir, args.out)
     except FileNotFoundError as e:
         parser.exit(2, f"mt2st-report: error: {e}\n")
-    print(report.table)
-    print()
-    print(table_notes(report.summary))
-    print(f"\nWrote {report.markdown_path}, {report.csv_path}" + "".join(f", {p.name}" for p in report.plots))
+    print(report.console_text(args.dir))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,14 @@ turns a folder of them into tables and plots.
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import json
 import logging
+import shutil
+import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,14 +30,16 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
-from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mt2st_lightning.callback import MT2STCallback
 from mt2st_lightning.flops import PhaseCostMeter
-from mt2st_lightning.report import SUMMARY_FILE
+from mt2st_lightning.heads import relaunches_script
+from mt2st_lightning.names import TEST_PRIMARY_METRIC, VAL_PRIMARY_METRIC
+from mt2st_lightning.progress import EpochLines
+from mt2st_lightning.report import RESUME_POINTER_FILE, SUMMARY_FILE
 
 __all__ = ["CONFIG_DIR", "main", "train"]
 
@@ -64,10 +71,7 @@ def check_launch(trainer: L.Trainer) -> None:
     device, so every copy would run the whole sweep."""
     strategy = trainer.strategy
     # The launcher of strategy="ddp" (not of "ddp_spawn"), unless a cluster (SLURM) starts the processes.
-    relaunches = isinstance(getattr(strategy, "launcher", None), _SubprocessScriptLauncher) and not (
-        strategy.cluster_environment is not None and strategy.cluster_environment.creates_processes_externally
-    )
-    if relaunches and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if relaunches_script(strategy) and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         raise RuntimeError(
             f"trainer.strategy={type(strategy).__name__} starts one process per device by re-running the "
             "command line, which a --multirun cannot do (each copy would run the whole sweep). Launch DDP "
@@ -91,8 +95,8 @@ def instantiate_loggers(cfg: DictConfig) -> list[Logger]:
     return [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
 
 
-def _find(callbacks: list[Callback], kind: type) -> Any:
-    return next((c for c in callbacks if isinstance(c, kind)), None)
+def _find(callbacks: list[Callback], kind: type, where: Any = lambda c: True) -> Any:
+    return next((c for c in callbacks if isinstance(c, kind) and where(c)), None)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -120,6 +124,9 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 
 def _train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
+    resume = _resume_target(cfg)
+    if resume is not None:
+        _continue_run(cfg, resume)
     output_dir = Path(cfg.paths.output_dir)
 
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -127,22 +134,178 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     check_primary_task(cfg, tasks)
     model = hydra.utils.instantiate(cfg.model, tasks=tasks, _convert_="all")
     mt2st, callbacks = instantiate_callbacks(cfg)
+    progress = _progress_mode(cfg, callbacks)
+    if progress == "epoch":
+        callbacks.append(EpochLines())
     loggers = instantiate_loggers(cfg)
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False,
+        **({"enable_progress_bar": False} if progress == "none" else {}),
+    )
     check_launch(trainer)
+    if resume is not None and trainer.is_global_zero:
+        _keep_history_before(trainer.loggers, _checkpoint_step(resume))
 
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # In a terminal, log lines print above tqdm's bar instead of being glued to it.
+    redirect = _logging_redirect_tqdm() if progress == "bar" else contextlib.nullcontext()
+    try:
+        with redirect, warnings.catch_warnings():
+            if resume is not None:  # the run's own checkpoints are there, as they should be
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except BaseException as error:
+        last = _find(trainer.callbacks, ModelCheckpoint, lambda c: c.monitor is None)
+        path = Path(last.dirpath) / "last.ckpt" if last is not None and last.dirpath else None
+        resume = f"resume it with ckpt_path={path} and the same overrides" if path and path.is_file() else "no checkpoint to resume from"
+        log.error("The run stopped at step %d with %s: %s", trainer.global_step, type(error).__name__, resume)
+        raise
     fit_wall_time_s = time.perf_counter() - start
     # Read the fit's outcome now: testing a checkpoint restores the callbacks' states saved in it.
     summary = _fit_summary(cfg, trainer, model, mt2st, output_dir)
-    summary["fit_wall_time_s"] = fit_wall_time_s
+    meter = _find(trainer.callbacks, PhaseCostMeter)
+    # The whole run's wall time: a resumed fit adds what the run had spent up to its checkpoint.
+    summary["fit_wall_time_s"] = fit_wall_time_s + (meter.wall_time_before_resume_s if meter is not None else 0.0)
+    summary["resumed_from"] = str(Path(cfg.ckpt_path).resolve()) if cfg.get("ckpt_path") else None
     summary.update(_test(cfg, trainer, model, datamodule))
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         log.info("Run summary: %s", output_dir / SUMMARY_FILE)
     return summary
+
+
+# ---------------------------------------------------------------------------------------------- resuming
+def _resume_target(cfg: DictConfig) -> Path | None:
+    """The checkpoint to resume from, or ``None``; a missing file fails here, before anything is built."""
+    ckpt_path = cfg.get("ckpt_path")
+    if not ckpt_path:
+        return None
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path} does not exist; point it at a run's checkpoints/last.ckpt"
+        )
+    return path.resolve()
+
+
+def run_dir_of(checkpoint: Path) -> Path | None:
+    """The run folder a checkpoint belongs to (``<run>/checkpoints/<file>``, as ``mt2st-train`` writes it), or
+    ``None`` for a checkpoint from elsewhere."""
+    run = checkpoint.parent.parent
+    is_run = checkpoint.parent.name == "checkpoints" and ((run / ".hydra").is_dir() or (run / SUMMARY_FILE).is_file() or (run / "csv").is_dir())
+    return run if is_run else None
+
+
+# The settings a resumed run must share with the run it continues (anything else may change).
+_RUN_DEFINING = ("data", "model", "strategy", "trainer", "seed", "label")
+
+
+def _continue_run(cfg: DictConfig, checkpoint: Path) -> None:
+    """Point ``paths.output_dir`` at the checkpoint's run folder, so that the resumed run's logs, checkpoints
+    and summary continue there; the config must be the run's own (the overrides it was started with)."""
+    run = run_dir_of(checkpoint)
+    if run is None:
+        log.info("Resuming from %s (not inside a run folder): this run writes to %s", checkpoint, cfg.paths.output_dir)
+        return
+    saved = run / ".hydra" / "config.yaml"
+    if saved.is_file():
+        _check_same_run(cfg, OmegaConf.load(saved), run)
+    here = Path(cfg.paths.output_dir).resolve()
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run)
+    if here != run.resolve():
+        # The folder Hydra made for this launch holds only its config and log; it points to the run.
+        here.mkdir(parents=True, exist_ok=True)
+        (here / RESUME_POINTER_FILE).write_text(json.dumps({"run_dir": str(run), "ckpt_path": str(checkpoint)}) + "\n")
+        _log_to(run / "train.log")
+    log.info("Resuming run %s from %s (step %d)", run, checkpoint.name, _checkpoint_step(checkpoint))
+
+
+def _check_same_run(cfg: DictConfig, saved: DictConfig, run: Path) -> None:
+    differ = []
+    for key in _RUN_DEFINING:
+        mine = OmegaConf.to_container(cfg, resolve=False).get(key)
+        theirs = OmegaConf.to_container(saved, resolve=False).get(key)
+        differ += _differences(mine, theirs, key)
+    if differ:
+        overrides = run / ".hydra" / "overrides.yaml"
+        original = " ".join(OmegaConf.load(overrides)) if overrides.is_file() else "(unknown)"
+        raise ValueError(
+            f"ckpt_path continues the run in {run}, but this config differs from that run's in "
+            f"{', '.join(differ)}. Resume with the run's own overrides: mt2st-train {original} ckpt_path=..."
+        )
+
+
+def _differences(mine: Any, theirs: Any, prefix: str) -> list[str]:
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        return [d for k in sorted(set(mine) | set(theirs)) for d in _differences(mine.get(k), theirs.get(k), f"{prefix}.{k}")]
+    return [] if mine == theirs else [prefix]
+
+
+def _log_to(path: Path) -> None:
+    """Also write this process's log records into ``path`` (the resumed run's own ``train.log``)."""
+    root = logging.getLogger()
+    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in root.handlers):
+        return
+    handler = logging.FileHandler(path)
+    file_handlers = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
+    handler.setFormatter(file_handlers[0].formatter if file_handlers else logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root.addHandler(handler)
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+
+
+def _keep_history_before(loggers: list[Logger], step: int) -> None:
+    """Keep a run's ``metrics.csv`` rows from before the checkpoint's ``step`` (the resumed run logs the later
+    steps again), so that the finished run's file holds every step once. ``CSVLogger`` deletes an existing
+    file when it starts; the kept rows are logged anew through it (a copy survives until they are written)."""
+    for logger in loggers:
+        if not isinstance(logger, CSVLogger):
+            continue
+        path = Path(logger.log_dir) / "metrics.csv"
+        if not path.is_file():
+            continue
+        with open(path, newline="") as f:
+            rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+        backup = path.with_name("metrics.before_resume.csv")
+        shutil.copyfile(path, backup)
+        kept = [row for row in rows if "step" in row and row["step"] < step]
+        with warnings.catch_warnings():
+            # CSVLogger's "previous log files will be deleted": they are being written back, here.
+            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+            for row in kept:
+                logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+            logger.save()
+        backup.unlink()
+        log.info("Kept %d of %d rows of %s (steps before %d)", len(kept), len(rows), path, step)
+
+
+# ---------------------------------------------------------------------------------------------- progress
+PROGRESS_MODES = ("auto", "bar", "epoch", "none")
+
+
+def _progress_mode(cfg: DictConfig, callbacks: list[Callback]) -> str:
+    """``bar`` (Lightning's own, or a configured one such as RichProgressBar), ``epoch`` (one log line per
+    epoch) or ``none``. ``auto``: the bar in a terminal, one line per epoch when the output goes to a file."""
+    mode = cfg.get("progress", "auto")
+    if mode not in PROGRESS_MODES:
+        raise ValueError(f"progress={mode!r} is not one of {PROGRESS_MODES}")
+    if not cfg.trainer.get("enable_progress_bar", True):
+        return "off"  # the trainer's own switch: nothing to add, nothing to turn off
+    if any(isinstance(c, ProgressBar) for c in callbacks):
+        return "configured"  # e.g. callbacks=[default,rich_progress_bar]: the user chose it
+    if mode == "auto":
+        mode = "bar" if sys.stdout.isatty() and sys.stderr.isatty() else "epoch"
+    return mode
+
+
+def _logging_redirect_tqdm() -> Any:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
 
 
 def _metric(trainer: L.Trainer, name: str) -> float | None:
@@ -154,11 +317,12 @@ def _test(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, datamod
     """Test the best checkpoint if one was kept (none under fast_dev_run), else the weights in memory."""
     if not cfg.get("test"):
         return {"test_primary_metric": None, "tested_checkpoint": None}
-    checkpoint = _find(trainer.callbacks, ModelCheckpoint)
+    checkpoint = _find(trainer.callbacks, ModelCheckpoint, lambda c: c.monitor is not None)
     best = checkpoint.best_model_path if checkpoint is not None else ""
-    results = trainer.test(model, datamodule=datamodule, ckpt_path="best" if best else None)
+    results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
     return {
-        "test_primary_metric": results[0].get("test/primary_metric") if results else None,
+        "test_primary_metric": results[0].get(TEST_PRIMARY_METRIC) if results else None,
+        "test_samples": _metric(trainer, "test/samples"),
         "tested_checkpoint": _relative(Path(best), Path(cfg.paths.output_dir))
         if best
         else "in-memory weights",
@@ -168,13 +332,13 @@ def _test(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, datamod
 def _fit_summary(
     cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, mt2st: MT2STCallback, output_dir: Path
 ) -> dict[str, Any]:
-    checkpoint = _find(trainer.callbacks, ModelCheckpoint)
+    checkpoint = _find(trainer.callbacks, ModelCheckpoint, lambda c: c.monitor is not None)
     meter = _find(trainer.callbacks, PhaseCostMeter)
     cost = meter.summary() if meter is not None else {"total_flops": None, "total_time_s": None, "phases": {}}
     best_val = None
     if (
         checkpoint is not None
-        and checkpoint.monitor == "val/primary_metric"
+        and checkpoint.monitor == VAL_PRIMARY_METRIC
         and checkpoint.best_model_score is not None
     ):
         best_val = float(checkpoint.best_model_score)
@@ -196,10 +360,33 @@ def _fit_summary(
         "planned_total": mt2st.total,
         "total_steps": trainer.global_step,
         "epochs": trainer.current_epoch,
-        "final_val_primary_metric": _metric(trainer, "val/primary_metric"),
+        "final_val_primary_metric": _metric(trainer, VAL_PRIMARY_METRIC),
+        "val_samples": _metric(trainer, "val/samples"),
         # Relative to the run's folder (where this file is), so a moved sweep folder still reads.
         "metrics_csv": _relative(csv_logs[0], output_dir) if csv_logs else None,
         "output_dir": str(output_dir.resolve()),
+        # What the report groups by besides the label: runs that differ here are not averaged together.
+        "settings": run_settings(cfg, trainer, mt2st),
+    }
+
+
+def run_settings(cfg: DictConfig, trainer: L.Trainer, mt2st: MT2STCallback) -> dict[str, Any]:
+    """The settings that change a run's result other than its seed: data, model, strategy parameters, planned
+    length, precision and the number of processes."""
+
+    def config(key: str, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+        node = OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) is not None else {}
+        return {k: v for k, v in node.items() if k not in drop}
+
+    return {
+        # Not the loader's worker count or the seed (the run's seed is the thing averaged over).
+        "data": config("data", drop=("num_workers", "shuffle_seed")),
+        "model": config("model", drop=("tasks",)),
+        "strategy": config("strategy"),
+        "planned_total": mt2st.total,
+        "unit": mt2st.unit,
+        "precision": str(trainer.precision),
+        "devices": int(trainer.world_size),
     }
 
 

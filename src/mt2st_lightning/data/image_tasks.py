@@ -8,7 +8,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from mt2st_lightning.data.targets import AUX_TARGETS
 
@@ -39,6 +40,12 @@ class ImageTasksDataModule(pl.LightningDataModule):
 
     Subclasses implement :meth:`load` and return ``(images, labels, num_classes)``, with a fixed split:
     ``split_seed`` draws the validation and test sets, so every run and every seed sees the same split.
+
+    Data order: the training batches of epoch ``e`` are a function of ``(shuffle_seed, e)`` alone (torch's
+    ``DistributedSampler``, whose ``set_epoch`` Lightning calls at each epoch start, on one process as on
+    many), so a run resumed from a checkpoint sees the batches the uninterrupted run saw. Lightning does not
+    checkpoint a ``DataLoader(shuffle=True)``'s generator. Validation and test batches are in a fixed order and,
+    under DDP, split without padding (``UnrepeatedDistributedSampler``): every sample counts exactly once.
     """
 
     def __init__(
@@ -50,6 +57,7 @@ class ImageTasksDataModule(pl.LightningDataModule):
         test_fraction: float = 0.15,
         split_seed: int = 0,
         num_workers: int = 0,
+        shuffle_seed: int = 0,
     ) -> None:
         super().__init__()
         unknown = [t for t in aux_tasks if t not in AUX_TARGETS]
@@ -64,6 +72,7 @@ class ImageTasksDataModule(pl.LightningDataModule):
         self.test_fraction = test_fraction
         self.split_seed = split_seed
         self.num_workers = num_workers
+        self.shuffle_seed = shuffle_seed
         self.splits: dict[str, DictDataset] = {}
         self.num_classes: int | None = None
 
@@ -101,17 +110,32 @@ class ImageTasksDataModule(pl.LightningDataModule):
             tensors.update({t: (v[idx] - stats[t][0]) / stats[t][1] for t, v in targets.items()})
             self.splits[split] = DictDataset(tensors)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _replicas(self) -> tuple[int, int]:
+        """(number of processes, this process's rank): from the trainer once it is attached, else (1, 0)."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _loader(self, split: str, sampler: Sampler) -> DataLoader:
+        # A DistributedSampler of our own: Lightning leaves it in place instead of injecting its padding one.
         return DataLoader(
-            self.splits[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            self.splits[split], batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        replicas, rank = self._replicas()
+        dataset = self.splits["train"]
+        return self._loader(
+            "train", DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=self.shuffle_seed)
+        )
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        replicas, rank = self._replicas()
+        dataset = self.splits[split]
+        return self._loader(split, UnrepeatedDistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=False))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._eval_loader("test")
