@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import Accuracy, MeanSquaredError, Metric
+from torchmetrics import Accuracy, MeanMetric, MeanSquaredError, Metric, SumMetric
 
 from mt2st_lightning.mixin import MT2STMixin
 
@@ -71,6 +71,10 @@ class MultiTaskModel(MT2STMixin, pl.LightningModule):
         self.heads = nn.ModuleDict({t: _head(encoder.out_features, s.out_features, head_hidden) for t, s in specs.items()})
         self.declare_tasks(primary=primary, heads=self.heads)
         self.train_metric, self.val_metric, self.test_metric = (self._metric(specs[primary]) for _ in range(3))
+        # How many samples each evaluation saw, and their mean primary loss, over all processes: under DDP every
+        # sample counts once (torchmetrics syncs the sums at the epoch's end).
+        self.val_samples, self.test_samples = SumMetric(), SumMetric()
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
 
     @staticmethod
     def _metric(spec: TaskSpec) -> Metric:
@@ -98,6 +102,10 @@ class MultiTaskModel(MT2STMixin, pl.LightningModule):
         metric(preds, batch[primary])
         n = batch["x"].shape[0]
         self.log(f"{stage}/primary_metric", metric, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=n)
+        if stage != "train":
+            samples = getattr(self, f"{stage}_samples")
+            samples.update(n)
+            self.log(f"{stage}/samples", samples, on_step=False, on_epoch=True, batch_size=n)
         return self.mt2st_loss(losses) if stage == "train" else losses[primary], losses
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
@@ -109,11 +117,13 @@ class MultiTaskModel(MT2STMixin, pl.LightningModule):
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         loss, _ = self._shared_step(batch, "val")
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch["x"].shape[0])
+        self.val_loss.update(loss.detach(), weight=batch["x"].shape[0])
+        self.log("val/loss", self.val_loss, prog_bar=True, on_step=False, on_epoch=True)
 
     def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         loss, _ = self._shared_step(batch, "test")
-        self.log("test/loss", loss, batch_size=batch["x"].shape[0])
+        self.test_loss.update(loss.detach(), weight=batch["x"].shape[0])
+        self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
