@@ -186,9 +186,13 @@ def test_bad_values_fail_at_construction(params, match):
 
 def test_budget_none_is_gradnorm_only():
     assert policy_for("gradnorm", budget=None).budget is None
+    assert policy_for("gradnorm", budget="raw").budget is None
     for name in ("fisher", "noise"):
-        with pytest.raises(ValueError, match=f"applies to strategy='gradnorm' only, not '{name}'"):
-            policy_for(name, budget=None)
+        for raw in (None, "raw"):
+            with pytest.raises(ValueError, match=f"applies to strategy='gradnorm' only, not '{name}'"):
+                policy_for(name, budget=raw)
+    with pytest.raises(ValueError, match="budget must be a finite number > 0, got 'rwa'"):
+        policy_for("gradnorm", budget="rwa")
 
 
 def test_numpy_scalars_are_accepted():
@@ -578,3 +582,14 @@ def test_each_fit_measures_afresh():
     _bound(policy)  # the next fit (a resumed one loads its state after this)
     assert (policy.factors, policy.stats, policy.measured_at) == ({}, {}, None)
     assert policy.weights(0, AUX) == {"a": 0.5, "b": 0.5} and policy.wants_step(0)
+
+
+def test_auto_measures_on_the_parameters_without_features():
+    net = Net()
+    record = net.record(torch.randn(8, 3), with_features=False)
+    policy = _bound(policy_for("fisher", adapt_every=1, adapt_decay=0.0))
+    policy.use_shared_parameters(net.encoder.parameters())
+    _step(policy, 0, record)
+    sq = _sq(record, list(net.encoder.parameters()))
+    for task in ("p", *AUX):
+        assert policy.stats[f"sqnorm/{task}"].item() == pytest.approx(sq[task], rel=1e-5)

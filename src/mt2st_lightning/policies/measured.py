@@ -31,9 +31,12 @@ MeasureOn = Literal["auto", "representation", "parameters"]
 
 def _check_budget(strategy: str, budget: Any, allow_none: bool) -> float | None:
     budget = as_number(budget)
-    if budget is None:
+    if budget is None or budget == "raw":  # "raw": the spelling a config file or MT2STCallback can pass
         if not allow_none:
-            raise ValueError(f"budget=None (raw eq. 13 ratios) applies to strategy='gradnorm' only, not {strategy!r}; give a number > 0")
+            raise ValueError(
+                f"budget='raw' (or None: raw eq. 13 ratios) applies to strategy='gradnorm' only, not {strategy!r}; "
+                "give a number > 0"
+            )
         return None
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (math.isfinite(budget) and budget > 0):
         raise ValueError(f"budget must be a finite number > 0, got {budget!r}")
@@ -61,7 +64,7 @@ class MeasuredPolicy(SchedulePolicy):
         schedules: the envelope, one schedule per auxiliary task; ``None``: ``Switch(switch_at, gamma0)`` if
             ``switch_at`` is in ``params``, else ``Constant(gamma0)``.
         params: ``gamma0`` and ``switch_at`` of the envelope (not with ``schedules``).
-        budget: the factors sum to it (``lambda`` in the paper); ``None`` (gradnorm only): raw ratios.
+        budget: the factors sum to it (``lambda`` in the paper); ``"raw"`` or ``None`` (gradnorm only): raw ratios.
         adapt_every: measure on the first batch of every this many units of time.
         adapt_decay: exponential smoothing of the measured statistics, in [0, 1).
     """
