@@ -21,17 +21,20 @@ AUX = ("recon", "parity")
 
 class Oracle(LossTap):
     """Records the weights in force and, independently of the callback, each task's squared gradient norm
-    on the shared encoder and each task's loss."""
+    on the shared features given to ``mt2st_loss`` if any (``on="parameters"``: on the shared encoder), as
+    ``measure_on="auto"`` does, and each task's loss."""
 
-    def __init__(self) -> None:
+    def __init__(self, on: str = "auto") -> None:
         super().__init__()
+        self.on = on
         self.weights: list[dict[str, float]] = []
         self.sq: list[dict[str, float]] = []
         self.losses: list[dict[str, float]] = []
 
     def on_before_backward(self, trainer, pl_module, loss):
         self.weights.append(dict(pl_module.task_weights))
-        shared = [p for p in pl_module.encoder.parameters()]
+        on_features = self.on == "auto" and self.features is not None
+        shared = [self.features] if on_features else list(pl_module.encoder.parameters())
         sq, values = {}, {}
         for task, value in self.tapped.items():
             grads = torch.autograd.grad(value, shared, retain_graph=True, allow_unused=True)
@@ -41,8 +44,10 @@ class Oracle(LossTap):
         self.losses.append(values)
 
 
-def run(tmp_path, strategy, max_steps=8, **kwargs):
-    oracle = Oracle()
+def run(tmp_path, strategy, max_steps=8, on="auto", **kwargs):
+    oracle = Oracle(on)
+    if on == "parameters":
+        kwargs["measure_on"] = "parameters"
     callback = MT2STCallback(strategy, adapt_every=1, **kwargs)
     trainer = toy_trainer(tmp_path, [callback, oracle], max_steps=max_steps, max_epochs=None)
     model = toy_model()
@@ -54,9 +59,10 @@ def _aux(weights: dict[str, float]) -> torch.Tensor:
     return torch.tensor([weights[t] for t in AUX], dtype=torch.float64)
 
 
+@pytest.mark.parametrize("on", ["auto", "parameters"])
 @pytest.mark.parametrize("strategy", ["gradnorm", "fisher"])
-def test_gradient_strategies_apply_last_steps_measurement(tmp_path, strategy):
-    oracle, _, _ = run(tmp_path, strategy, adapt_decay=0.0, budget=2.0)
+def test_gradient_strategies_apply_last_steps_measurement(tmp_path, strategy, on):
+    oracle, _, _ = run(tmp_path, strategy, on=on, adapt_decay=0.0, budget=2.0)
     # Before anything is measured the budget is shared equally.
     assert_close(_aux(oracle.weights[0]), torch.tensor([1.0, 1.0], dtype=torch.float64))
     for step in range(1, len(oracle.weights)):
@@ -140,5 +146,5 @@ def test_gradnorm_without_budget_keeps_the_raw_ratio_of_eq_13(tmp_path):
 
 
 def test_budget_none_is_for_gradnorm_only():
-    with pytest.raises(ValueError, match="budget=None .* strategy='gradnorm' only"):
+    with pytest.raises(ValueError, match="budget='raw' .* strategy='gradnorm' only, not 'fisher'"):
         MT2STCallback("fisher", budget="raw")
