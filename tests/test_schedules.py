@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from mt2st_lightning.schedules import Constant, Diminish, Product, Schedule, Switch
+from mt2st_lightning.schedules import Constant, Diminish, Product, Switch
 
 SETTINGS = settings(max_examples=200, deadline=None)
 

@@ -18,20 +18,27 @@ from mt2st_lightning.policies.fisher import FisherPolicy
 from mt2st_lightning.policies.gradnorm import GradNormPolicy
 from mt2st_lightning.policies.measured import GradientPolicy, MeasuredPolicy
 from mt2st_lightning.policies.noise import NoisePolicy
-from mt2st_lightning.policies.scheduled import SCHEDULE_BUILDERS, Param, SchedulePolicy, check_accepted, schedules_for
+from mt2st_lightning.policies.scheduled import (
+    SCHEDULE_BUILDERS,
+    Param,
+    SchedulePolicy,
+    check_accepted,
+    schedules_for,
+)
 from mt2st_lightning.schedules import Schedule, as_number
 
 __all__ = [
     "ADAPTIVE_STRATEGIES",
+    "STRATEGIES",
     "FisherPolicy",
     "GradNormPolicy",
     "GradientPolicy",
     "MeasuredPolicy",
     "NoisePolicy",
     "Param",
+    "REGISTRY",
     "Policy",
     "Reducer",
-    "STRATEGIES",
     "SchedulePolicy",
     "policy_for",
     "schedules_for",

@@ -12,7 +12,14 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Union
 
 from mt2st_lightning.policies.base import Policy
-from mt2st_lightning.schedules import Constant, Diminish, Schedule, Switch, _check_finite_non_negative, as_number
+from mt2st_lightning.schedules import (
+    Constant,
+    Diminish,
+    Schedule,
+    Switch,
+    _check_finite_non_negative,
+    as_number,
+)
 
 __all__ = ["Param", "SchedulePolicy", "check_accepted", "schedules_for"]
 
