@@ -425,3 +425,58 @@ def test_ddp_inside_a_multirun_is_refused(tmp_path):
     )
     assert result.returncode != 0
     assert "a --multirun cannot do" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- console
+@pytest.mark.slow
+def test_off_a_terminal_progress_is_one_log_line_per_epoch_and_the_drop_is_in_train_log(tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("experiment=smoke", "trainer.enable_progress_bar=true", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "\r" not in output and "it/s" not in output  # no bar redraws in a log file
+    log_lines = (run / "train.log").read_text().splitlines()
+    epochs = [line for line in log_lines if "[mt2st_lightning.progress]" in line and " - epoch " in line]
+    assert [line.split(" - ", 1)[1].split(":")[0] for line in epochs] == ["epoch 1/2, step 4/8", "epoch 2/2, step 8/8"]
+    assert "val/primary_metric" in epochs[0]
+    # Lightning's own lines (the MT2ST drop among them) reach train.log, each on a line of its own.
+    drops = [line for line in log_lines if "finished at step 2" in line or "dropped at step 2" in line]
+    assert len(drops) == 1 and drops[0].startswith("[") and "[INFO]" in drops[0]
+    assert "`Trainer.fit` stopped" in "\n".join(log_lines)
+
+
+def test_a_configured_progress_bar_is_kept(tmp_path):
+    pytest.importorskip("rich", reason="needs the optional extra [rich]")
+    cfg = compose_train(
+        f"paths.output_dir={tmp_path}", "experiment=smoke", "callbacks=[default,rich_progress_bar]",
+        "trainer.enable_progress_bar=true", "test=false",
+    )
+    assert train(cfg)["total_steps"] == 8
+
+
+def test_an_unknown_progress_mode_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"progress='loud' is not one of \('auto', 'bar', 'epoch', 'none'\)"):
+        train(compose_train(f"paths.output_dir={tmp_path}", "experiment=smoke", "trainer.enable_progress_bar=true", "progress=loud"))
+
+
+def test_the_optional_callbacks_name_their_extra():
+    import tomllib
+
+    extras = tomllib.loads((CONFIG_DIR.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(dep.startswith("rich") for dep in extras["rich"])
+    assert 'pip install "mt2st-lightning[rich]"' in (CONFIG_DIR / "callbacks" / "rich_progress_bar.yaml").read_text()
+    readme = (CONFIG_DIR.parent / "README.md").read_text()
+    group_row = next(line for line in readme.splitlines() if line.startswith("| `callbacks` |"))
+    assert "`rich_progress_bar` (`pip install \"mt2st-lightning[rich]\"`)" in group_row
+
+
+def test_step_checkpoints_keep_last_ckpt_within_a_few_steps_in_long_epochs(tmp_path):
+    cfg = compose_train(
+        f"paths.output_dir={tmp_path}", "experiment=smoke", "callbacks=[default,step_checkpoint]",
+        "callbacks.step_checkpoint.every_n_train_steps=3", "+callbacks.crash._target_=tests.test_app.CrashAtStep",
+        "+callbacks.crash.step=7",
+    )
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        train(cfg)
+    # Saved at steps 3, 4 (the epoch's end) and 6: the latest of them, not the epoch end.
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6

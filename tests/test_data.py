@@ -56,3 +56,37 @@ def test_fashion_mnist_splits_and_tasks(fashion_root):
 def test_missing_fashion_mnist_names_the_install_command(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"sudo apt-get install dataset-fashion-mnist"):
         FashionMNISTDataModule(root=str(tmp_path / "nowhere")).load()
+
+
+# ---------------------------------------------------------------------------------------------- data order
+from mt2st_lightning.data import DigitsDataModule  # noqa: E402
+
+
+def _order(dm, epoch: int) -> list[int]:
+    sampler = dm.train_dataloader().sampler
+    sampler.set_epoch(epoch)  # what Lightning's fit loop calls at each epoch start
+    return list(sampler)
+
+
+def test_the_training_order_is_a_function_of_seed_and_epoch():
+    # A fresh data module (as in a resumed process) draws the same batches for the same (seed, epoch).
+    first, again = DigitsDataModule(shuffle_seed=3), DigitsDataModule(shuffle_seed=3)
+    first.setup("fit"), again.setup("fit")
+    _order(first, 0)  # iterating earlier epochs changes nothing
+    assert _order(first, 2) == _order(again, 2)
+    assert _order(first, 2) != _order(first, 1)
+    other = DigitsDataModule(shuffle_seed=4)
+    other.setup("fit")
+    assert _order(other, 2) != _order(first, 2)
+    assert sorted(_order(first, 0)) == list(range(len(first.splits["train"])))
+
+
+def test_evaluation_splits_across_processes_without_padding():
+    dm = DigitsDataModule()
+    dm.setup("fit")
+    seen = []
+    for rank in (0, 1):
+        dm.trainer = type("T", (), {"world_size": 2, "global_rank": rank})()  # what a DDP trainer reports
+        seen += list(dm.val_dataloader().sampler)
+    assert len(dm.splits["val"]) % 2 == 1  # an odd split: a padding sampler would repeat one sample
+    assert sorted(seen) == list(range(len(dm.splits["val"])))

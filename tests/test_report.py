@@ -301,3 +301,81 @@ def test_cli_on_a_folder_without_runs(tmp_path, capsys):
         main([str(tmp_path)])
     assert exit_info.value.code == 2
     assert "no run_summary.json below" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- unlike runs
+def _settings(**changes) -> dict:
+    settings = {"data": {"_target_": "mt2st_lightning.data.DigitsDataModule"}, "model": {"encoder": {"_target_": "mt2st_lightning.models.MLPEncoder"}},
+                "strategy": {"strategy": "switch"}, "planned_total": 500.0, "unit": "step", "precision": "32-true", "devices": 1}
+    for key, value in changes.items():
+        settings[key] = value
+    return settings
+
+
+def _with_settings(run: Path, settings: dict) -> None:
+    summary = json.loads((run / "run_summary.json").read_text())
+    summary["settings"] = settings
+    (run / "run_summary.json").write_text(json.dumps(summary))
+
+
+def test_runs_of_one_label_with_other_settings_are_split_with_a_message(tmp_path, capsys):
+    cnn = {"encoder": {"_target_": "mt2st_lightning.models.ConvEncoder"}}
+    for name, seed, flops, settings in [
+        ("stl_mlp", 0, 100, _settings(strategy={"strategy": "stl"})),
+        ("stl_cnn", 0, 1000, _settings(strategy={"strategy": "stl"}, model=cnn)),
+        ("mlp0", 0, 150, _settings()),
+        ("mlp1", 1, 150, _settings()),
+        ("cnn", 0, 1500, _settings(model=cnn)),
+        ("ddp", 0, 150, _settings(devices=2)),
+    ]:
+        strategy = "stl" if name.startswith("stl") else "switch"
+        _with_settings(write_run(tmp_path, name, strategy=strategy, seed=seed, flops=flops, val=[(9, 0.9, 10, 1.0)]), settings)
+    summary = summarize(collect_runs(tmp_path))
+    rows = {row.label: row for row in summary.rows}
+    assert set(rows) == {
+        "stl (model.encoder._target_=MLPEncoder)", "stl (model.encoder._target_=ConvEncoder)",
+        "switch (devices=1, model.encoder._target_=MLPEncoder)", "switch (devices=1, model.encoder._target_=ConvEncoder)",
+        "switch (devices=2, model.encoder._target_=MLPEncoder)",
+    }
+    assert [row.runs for row in summary.rows if row.label.startswith("switch (devices=1, model.encoder._target_=MLP")] == [2]
+    # Each row is compared with the STL runs of its own data, model, length, precision and devices.
+    assert rows["switch (devices=1, model.encoder._target_=MLPEncoder)"].compression.mean == pytest.approx(-0.5)
+    assert rows["switch (devices=1, model.encoder._target_=ConvEncoder)"].compression.mean == pytest.approx(-0.5)
+    assert rows["switch (devices=2, model.encoder._target_=MLPEncoder)"].compression is None  # no 2-device STL run
+    assert any("Runs labelled 'switch' differ in devices, model.encoder._target_" in m for m in summary.messages)
+    main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "not averaged together, split into 3 rows" in out
+    assert "| switch (devices=1, model.encoder._target_=MLPEncoder) | 2 |" in out  # every row shows its run count
+
+
+def test_killed_and_failed_runs_are_listed_as_incomplete(sweep, capsys):
+    killed = sweep / "5_switch_seed2"
+    (killed / ".hydra").mkdir(parents=True)
+    (killed / "checkpoints").mkdir()
+    (killed / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (killed / "csv").mkdir()
+    (killed / "csv" / "metrics.csv").write_text("epoch,step,train/loss\n0,0,2.0\n0,4,1.5\n")
+    failed_early = sweep / "6_mtl_seed1"
+    (failed_early / ".hydra").mkdir(parents=True)
+    relaunch = sweep / "relaunch"  # a resume's own Hydra folder: part of the run it continued
+    (relaunch / ".hydra").mkdir(parents=True)
+    (relaunch / "continues_run.json").write_text(json.dumps({"run_dir": str(killed)}))
+    report = write_report(sweep)
+    assert [(r.dir.name, r.last_step, r.has_last_checkpoint) for r in report.incomplete] == [
+        ("5_switch_seed2", 4, True), ("6_mtl_seed1", None, False)
+    ]
+    assert len(collect_runs(sweep)) == 5  # the table holds the finished runs only
+    markdown = report.markdown_path.read_text()
+    assert "Incomplete runs" in markdown and f"resume with ckpt_path={killed / 'checkpoints' / 'last.ckpt'}" in markdown
+    main([str(sweep)])
+    out = capsys.readouterr().out
+    assert "5_switch_seed2: last logged step 4" in out and "6_mtl_seed1: no metrics logged; no checkpoint" in out
+
+
+def test_the_console_names_every_file_the_report_writes(sweep, capsys):
+    main([str(sweep)])
+    out = capsys.readouterr().out
+    for name in ("summary.md", "summary.csv", "curves_vs_step.png", "curves_vs_flops.png", "aux_weights.png"):
+        assert f"  {sweep / name}\n" in out, name
+
