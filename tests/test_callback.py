@@ -404,3 +404,164 @@ def test_single_task_export_loads_without_aux_heads(tmp_path):
     x = toy_loader().dataset.tensors["x"][:8]
     model.eval(), loaded.eval()
     torch.testing.assert_close(loaded(x)["label"], model(x)["label"])
+
+
+# ---------------------------------------------------------------------------------------- promises (issue 10, part 6)
+def test_gradient_accumulation_keeps_adaptive_weights_constant_within_a_window(tmp_path, recorder):
+    # gradnorm measures on the first micro-batch of a step: its new factors must wait for the next step.
+    fit(tmp_path, MT2STCallback("gradnorm", adapt_every=1, adapt_decay=0.0), recorder, accumulate_grad_batches=3,
+        max_epochs=2)
+    windows: dict[int, list] = {}
+    for r in recorder.rows:
+        windows.setdefault(r["step"], []).append(r["weights"])
+    assert len(windows) == 4 and all(len(w) == 3 for w in windows.values())
+    for step, weights in windows.items():
+        assert all(w == weights[0] for w in weights), f"weights changed inside the window of step {step}"
+    assert windows[1][0] != windows[2][0]  # the measurements did move the weights, from window to window
+
+
+def test_weights_are_logged_on_logging_steps_only(tmp_path):
+    import csv
+
+    logger = pl.loggers.CSVLogger(tmp_path)
+    fit(tmp_path, MT2STCallback("diminish", eta=0.1), logger=logger, log_every_n_steps=4)
+    rows = list(csv.DictReader(open(f"{logger.log_dir}/metrics.csv")))
+    steps = sorted(int(r["step"]) for r in rows if r.get("mt2st/weight/recon"))
+    assert steps == [3, 7, 11]  # Lightning's logging steps: (step + 1) % log_every_n_steps == 0
+    weight_at = {int(r["step"]): float(r["mt2st/weight/recon"]) for r in rows if r.get("mt2st/weight/recon")}
+    assert weight_at[7] == pytest.approx(math.exp(-0.7))
+
+
+def test_the_drop_step_is_logged_and_announced(tmp_path, caplog):
+    import csv
+    import logging
+
+    logger = pl.loggers.CSVLogger(tmp_path)
+    caplog.set_level(logging.INFO, logger="mt2st_lightning")
+    logging.getLogger("mt2st_lightning").propagate = True  # let caplog see it
+    try:
+        fit(tmp_path, MT2STCallback("switch", switch_at=5), logger=logger)
+    finally:
+        logging.getLogger("mt2st_lightning").propagate = False
+    rows = list(csv.DictReader(open(f"{logger.log_dir}/metrics.csv")))
+    dropped = {(int(r["step"]), float(r["mt2st/dropped_at/recon"])) for r in rows if r.get("mt2st/dropped_at/recon")}
+    assert dropped == {(5, 5.0)}
+    assert any("['recon', 'parity'] left the computation" in m for m in caplog.messages)
+
+
+# ---------------------------------------------------------------------------------------- the step record
+class Bypass(type(toy_model())):
+    """A training_step that does not return mt2st_loss's total (``how``: "sum" skips mt2st_loss, "scaled"
+    changes its total)."""
+
+    how = "sum"
+
+    def training_step(self, batch, batch_idx):
+        if self.how == "scaled":
+            return super().training_step(batch, batch_idx) * 2.0
+        h = self.encoder(batch["x"])
+        return sum(self.task_loss(t, self.heads[t](h), batch[t]) for t in self.active_tasks)
+
+
+def _bypass(how):
+    pl.seed_everything(0)
+    from mt2st_lightning.models import MLPEncoder
+    from tests.conftest import TASKS
+
+    model = Bypass(MLPEncoder(in_features=16, hidden=32), TASKS, primary="label", head_hidden=8)
+    model.how = how
+    return model
+
+
+@pytest.mark.parametrize("how", ["sum", "scaled"])
+def test_a_policy_that_measures_needs_the_loss_of_mt2st_loss(tmp_path, how):
+    with pytest.raises(RuntimeError, match="mt2st_loss"):
+        fit(tmp_path, MT2STCallback("gradnorm", adapt_every=1), model=_bypass(how), max_steps=2, max_epochs=None)
+
+
+def test_a_schedule_warns_when_mt2st_loss_is_bypassed(tmp_path):
+    with pytest.warns(UserWarning, match=r"training_step did not call self.mt2st_loss\(losses\)"):
+        fit(tmp_path, MT2STCallback("switch", switch_at=1), model=_bypass("sum"), max_steps=2, max_epochs=None)
+
+
+# ---------------------------------------------------------------------------------------- user policies
+from mt2st_lightning.policies import Policy  # noqa: E402
+
+
+class Spy(Policy):
+    """Halves the auxiliary weight every step, finishes nothing, and observes every step (recording which)."""
+
+    name = "spy"
+
+    def __init__(self):
+        self.observed: list[int] = []
+        self.validated: list[int] = []
+
+    def weights(self, t, active):
+        return {task: 0.5**t for task in active}
+
+    def finished(self, t, active):
+        return []
+
+    def wants_step(self, t):
+        return True
+
+    def observe_step(self, t, record, reduce):
+        assert torch.isfinite(record.total)
+        self.observed.append(t)
+
+    def observe_validation(self, t, metrics, reduce):
+        self.validated.append(t)
+
+
+def test_a_user_policy_decides_the_weights_and_sees_steps_and_validation(tmp_path, recorder):
+    spy = Spy()
+    trainer = toy_trainer(tmp_path, [MT2STCallback(policy=spy), recorder], max_epochs=2, limit_val_batches=2,
+                          num_sanity_val_steps=2)
+    trainer.fit(toy_model(), toy_loader(), toy_loader(n=32))
+    assert [r["weights"]["recon"] for r in recorder.rows] == [0.5**t for t in range(12)]
+    assert spy.observed == list(range(12))
+    assert spy.validated == [6, 12]  # after each epoch's validation, not after the sanity check
+
+
+def test_a_user_policy_takes_no_strategy_parameters():
+    with pytest.raises(ValueError, match=r"policy=\.\.\.\) is the whole decision; drop strategy, switch_at"):
+        MT2STCallback("switch", policy=Spy(), switch_at=3)
+    with pytest.raises(TypeError, match="must be a mt2st_lightning.policies.Policy"):
+        MT2STCallback(policy=object())
+
+
+@pytest.mark.parametrize("mode", ["skip", "raise"])
+def test_a_nonfinite_step_is_never_observed(tmp_path, mode):
+    spy = Spy()
+    model = _nan_model()  # parity is NaN at step 2
+    if mode == "raise":
+        with pytest.raises(FloatingPointError, match=r"task\(s\) \['parity'\] at step 2, found at step 2"):
+            fit(tmp_path, MT2STCallback(policy=spy, on_nonfinite=mode), model=model, max_epochs=1)
+    else:
+        fit(tmp_path, MT2STCallback(policy=spy, on_nonfinite=mode), model=model, max_epochs=1)
+    assert 2 not in spy.observed and spy.observed[:2] == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------- second fit
+def test_a_second_fit_after_a_switch_says_where_the_drop_came_from(tmp_path):
+    _, model = fit(tmp_path, MT2STCallback("switch", switch_at=3))
+    with pytest.raises(ValueError, match="dropped \\(by an earlier fit of this module, not from a checkpoint\\)") as error:
+        fit(tmp_path, MT2STCallback("switch", switch_at=5), model=model)
+    assert "restored from the checkpoint" not in str(error.value)
+
+
+class Eager(Spy):
+    """Changes its weights the moment it observes a step (no deferral of its own): only the callback, asking
+    once per optimizer step, keeps them constant within an accumulation window."""
+
+    def weights(self, t, active):
+        return {task: 1.0 / (1 + len(self.observed)) for task in active}
+
+
+def test_the_callback_asks_for_weights_once_per_optimizer_step(tmp_path, recorder):
+    fit(tmp_path, MT2STCallback(policy=Eager()), recorder, accumulate_grad_batches=3, max_epochs=1)
+    windows: dict[int, set] = {}
+    for r in recorder.rows:
+        windows.setdefault(r["step"], set()).add(r["weights"]["recon"])
+    assert windows == {0: {1.0}, 1: {0.5}}

@@ -159,3 +159,79 @@ def test_declaration_errors():
 
     with pytest.raises(TypeError, match="must be mixed into a LightningModule"):
         NotAModule().declare_tasks(primary="a", heads={})
+
+
+def test_all_float16_losses_are_summed_in_float32():
+    # All one half dtype: PyTorch would keep the sum in float16 if mt2st_loss did not cast (a float16/bfloat16
+    # mix is promoted to float32 by PyTorch itself, so it cannot tell).
+    model = toy_model()
+    model.task_weights = {"recon": 1e-4, "parity": 1.0}
+    half = {t: torch.tensor(v, dtype=torch.float16) for t, v in (("label", 1.0), ("recon", 1.0), ("parity", 0.5))}
+    total = model.mt2st_loss(half)
+    assert total.dtype == torch.float32
+    assert total.item() == pytest.approx(1.5001, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "match"),
+    [
+        (0.5, TypeError, r"the loss of task 'recon' is a float, not a tensor"),
+        (torch.ones(4), ValueError, r"the loss of task 'recon' has shape \(4,\); each task loss must be a scalar"),
+        (torch.ones(1), ValueError, r"the loss of task 'recon' has shape \(1,\)"),
+    ],
+)
+def test_a_loss_that_is_not_a_scalar_tensor_is_named(bad, error, match):
+    model = toy_model()
+    with pytest.raises(error, match=match):
+        model.mt2st_loss({"label": torch.tensor(1.0), "recon": bad, "parity": torch.tensor(1.0)})
+
+
+def test_step_record_is_handed_over_once_and_only_in_training():
+    model = toy_model()
+    h = torch.randn(4, 8, requires_grad=True)
+    given = {t: (h.sum() * i) for i, t in enumerate(model.tasks, 1)}
+    total = model.mt2st_loss(given, features=h)
+    record = model.take_step_record()
+    assert record.losses is given and record.features is h and record.total is total and record.loss_scale == 1.0
+    assert model.take_step_record() is None  # the module let go of it
+    with torch.no_grad():  # validation: no record, so nothing stale reaches the next training step
+        model.mt2st_loss({t: torch.tensor(1.0) for t in model.tasks})
+    assert model.take_step_record() is None
+
+
+def test_a_head_that_shares_a_submodule_is_refused():
+    class SharedSubmodule(MT2STMixin, pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Linear(4, 8)
+            shared_proj = nn.Linear(8, 8)
+            self.heads = nn.ModuleDict(
+                {"label": nn.Sequential(shared_proj, nn.Linear(8, 3)), "count": nn.Sequential(shared_proj, nn.Linear(8, 1))}
+            )
+            self.declare_tasks(primary="label", heads=self.heads)
+
+    with pytest.raises(ValueError, match=r"heads\.label\.0\.weight is tied to a parameter of the auxiliary head "
+                                         r"'count' \(a shared parameter or submodule 'heads\.label\.0'\)"):
+        SharedSubmodule()
+
+
+def test_an_aliased_head_is_not_a_tie():
+    class Aliased(MT2STMixin, pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.heads = nn.ModuleDict({"label": nn.Linear(4, 3), "count": nn.Linear(4, 1)})
+            self.count_head = self.heads["count"]  # the same head under a second name: nothing else is frozen
+            self.declare_tasks(primary="label", heads=self.heads)
+
+    assert Aliased().auxiliary_tasks == ("count",)
+
+
+def test_a_dropped_head_comes_back_with_the_users_own_requires_grad_flags():
+    model = toy_model()
+    frozen = model.heads["recon"][0].bias
+    frozen.requires_grad_(False)  # the user's choice, before any drop
+    model.drop_task("recon")
+    assert not any(p.requires_grad for p in model.heads["recon"].parameters())
+    model._undrop_task("recon")  # what loading a checkpoint from before the drop does
+    assert not frozen.requires_grad
+    assert all(p.requires_grad for p in model.heads["recon"].parameters() if p is not frozen)

@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Any, Union
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -280,7 +281,7 @@ class MT2STCallback(Callback):
             self.guard.record(trainer, self._time or 0, record.losses, record.total)
         if self.measuring:
             self.measuring = False
-            self._observe(trainer, record, loss)
+            self._observe(trainer, pl_module, record, loss)
 
     def _no_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if self.measuring:
@@ -298,8 +299,10 @@ class MT2STCallback(Callback):
                 "weights are not applied to its loss; return self.mt2st_loss(losses) from training_step"
             )
 
-    def _observe(self, trainer: pl.Trainer, record: StepRecord, loss: Tensor) -> None:
-        if not _backpropagates(loss, record.total):
+    def _observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: StepRecord, loss: Tensor) -> None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        if not _backpropagates(loss, record.total, scale, pl_module.automatic_optimization and trainer.accumulate_grad_batches):
             raise RuntimeError(
                 f"MT2ST ({self.strategy}) measures the task losses given to mt2st_loss, but the loss Lightning "
                 "backpropagates is not the total mt2st_loss returned: return self.mt2st_loss(losses) unchanged "
@@ -307,10 +310,9 @@ class MT2STCallback(Callback):
             )
         if not self.guard.all_finite(trainer):
             return  # a step the guard skips is never observed
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
+        if scale != 1.0:
             # Under fp16 the policy scales the losses as the training backward does, and divides the scale out.
-            record = replace(record, loss_scale=float(scaler.get_scale()))
+            record = replace(record, loss_scale=scale)
         assert self._reducer is not None and self._time is not None
         self.policy.observe_step(self._time, record, self._reducer)
 
@@ -363,14 +365,15 @@ class MT2STCallback(Callback):
         self._restored_state = state_dict
 
 
-def _backpropagates(loss: Tensor, total: Tensor) -> bool:
-    """Whether ``loss`` is ``total``, or ``total`` as Lightning scales it before backward (divided by the
-    gradient-accumulation factor, multiplied by the GradScaler's scale): at most two operations above it."""
+def _backpropagates(loss: Tensor, total: Tensor, scale: float, accumulate: int) -> bool:
+    """Whether ``loss`` is ``total`` as Lightning backpropagates it: itself, or divided by the gradient
+    accumulation factor and multiplied by the GradScaler's scale, at most two operations above it in the graph.
+    Checked on measuring steps only (the value comparison reads the device)."""
     if loss is total:
         return True
-    target, frontier = total.grad_fn, [loss.grad_fn]
+    target, frontier, derived = total.grad_fn, [loss.grad_fn], False
     for _ in range(2):
         frontier = [f for fn in frontier if fn is not None for f, _ in fn.next_functions]
-        if target is not None and any(f is target for f in frontier):
-            return True
-    return False
+        derived |= target is not None and any(f is target for f in frontier)
+    expected = total.detach().float() * (scale / max(int(accumulate), 1))
+    return derived and bool(torch.allclose(loss.detach().float(), expected, rtol=1e-4, atol=0.0))
