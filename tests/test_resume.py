@@ -94,3 +94,61 @@ def test_released_heads_load_a_checkpoint_from_before_the_switch(tmp_path):
     # ...and the last checkpoint, after the switch, releases them again.
     trainer.validate(model, toy_loader(), ckpt_path=tmp_path / "last.ckpt")
     assert model.active_tasks == ("label",) and all(p.numel() == 0 for p in model.heads["recon"].parameters())
+
+
+class OnlyTrainable(type(toy_model())):
+    """The common idiom: the optimizer gets only the parameters that require gradients."""
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(filter(lambda p: p.requires_grad, self.parameters()), lr=1e-3)
+
+
+def _only_trainable():
+    pl.seed_everything(0)
+    from mt2st_lightning.models import MLPEncoder
+    from tests.conftest import TASKS
+
+    return OnlyTrainable(MLPEncoder(in_features=16, hidden=32, depth=2), TASKS, primary="label", head_hidden=8)
+
+
+@pytest.mark.slow
+def test_resume_after_the_switch_with_an_optimizer_of_trainable_parameters_only(tmp_path):
+    def run(root, stop_after=None, resume=None):
+        callbacks = [MT2STCallback("switch", switch_at=3), ModelCheckpoint(dirpath=root, save_last=True)]
+        if stop_after is not None:
+            callbacks.append(StopAfterEpoch(stop_after))
+        model = _only_trainable()
+        toy_trainer(root, callbacks, max_epochs=3, enable_checkpointing=True).fit(model, toy_loader(), ckpt_path=resume)
+        return model
+
+    full = run(tmp_path / "full")
+    run(tmp_path / "part", stop_after=0)  # 6 steps: after the switch at 3
+    resumed = run(tmp_path / "resumed", resume=tmp_path / "part" / "last.ckpt")
+    assert resumed.active_tasks == ("label",)
+    assert not any(p.requires_grad for t in ("recon", "parity") for p in resumed.heads[t].parameters())
+    for (name, p), (_, q) in zip(resumed.named_parameters(), full.named_parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+def test_release_heads_takes_effect_when_resuming_a_checkpoint_saved_without_it(tmp_path):
+    _checkpoint_after_switch(tmp_path, strategy="switch", switch_at=3)  # kept heads
+    model = toy_model(seed=0)
+    callback = MT2STCallback("switch", switch_at=3, release_heads=True)
+    toy_trainer(tmp_path / "resumed", [callback], max_epochs=3).fit(model, toy_loader(), ckpt_path=tmp_path / "last.ckpt")
+    assert model.released_tasks == frozenset({"recon", "parity"})
+    assert all(p.numel() == 0 for t in ("recon", "parity") for p in model.heads[t].parameters())
+
+
+def test_testing_a_checkpoint_from_before_the_switch_keeps_the_users_frozen_parameters(tmp_path):
+    model = toy_model(seed=0)
+    frozen = model.heads["recon"][0].bias
+    frozen.requires_grad_(False)  # the user froze it; the switch must not decide otherwise
+    every_epoch = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
+    trainer = toy_trainer(tmp_path, [MT2STCallback("switch", switch_at=8), every_epoch], max_epochs=2,
+                          enable_checkpointing=True)
+    trainer.fit(model, toy_loader())
+    assert model.dropped_tasks == frozenset({"recon", "parity"})
+    trainer.validate(model, toy_loader(), ckpt_path=tmp_path / "epoch=0.ckpt")  # saved before the switch
+    assert model.active_tasks == ("label", "recon", "parity")
+    assert not frozen.requires_grad
+    assert all(p.requires_grad for p in model.heads["recon"].parameters() if p is not frozen)
