@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.conftest import toy_loader, toy_model, toy_trainer
+from tests.test_app import compose_train
+from tests.test_ddp import run_ddp
 from tests.test_plateau import MemoryLogger
 from torch import nn
 from torch.testing import assert_close
@@ -24,6 +26,7 @@ from mt2st_lightning.adaptive import gradient_alignment, gradient_cosines
 from mt2st_lightning.names import SWITCH_STEP_PREFIX
 from mt2st_lightning.policies.conflict import ConflictSwitch
 from mt2st_lightning.step_record import StepRecord
+from mt2st_lightning.train import train
 
 SETTINGS = settings(max_examples=100, deadline=None)
 TASKS = ("agree", "fight", "side")
@@ -333,3 +336,34 @@ def test_a_module_without_features_is_told_how_to_hand_them_over(tmp_path):
     )
     with pytest.raises(RuntimeError, match=r"mt2st_loss\(losses, features=h\)"):
         trainer.fit(Opposed(hand_features=False), toy_loader())
+
+
+@pytest.mark.slow
+def test_mt2st_train_drops_conflicting_tasks(tmp_path):
+    # threshold 1: every measured cosine is below it, so each task leaves after its first measurement (step 0).
+    cfg = compose_train(
+        f"paths.output_dir={tmp_path}",
+        "experiment=smoke",
+        "strategy=conflict",
+        "strategy.threshold=1.0",
+        "strategy.window=1",
+        "strategy.adapt_every=1",
+    )
+    summary = train(cfg)
+    assert summary["strategy"] == "conflict"
+    assert summary["drop_times"] == {"recon": 1, "edges": 1, "moments": 1}
+
+
+@pytest.mark.slow
+def test_under_ddp_both_ranks_drop_the_same_task_at_the_same_step(tmp_path):
+    # The toy tasks' cosines lie near 0, where each rank's own batch would often say otherwise than the other's:
+    # only statistics averaged before the cosine is formed keep the ranks' drops in step (without that, the
+    # ranks rebuild their DDP reducers over different parameters and the run hangs).
+    result = run_ddp(tmp_path, "conflict", "threshold=0.0", "window=2", "adapt_every=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["drop_times"] == ranks[1]["drop_times"] != {}
+    assert ranks[0]["active"] == ranks[1]["active"] != ("label",)  # dropped per task: one is still active
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 12
+    for name, p in ranks[0]["params"].items():
+        assert torch.equal(p, ranks[1]["params"][name]), f"{name} differs between ranks"

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import hydra
 import lightning.pytorch as pl
 import numpy as np
 import pytest
@@ -25,11 +26,13 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.trainer.states import TrainerFn
 from tests.conftest import TASKS as TOY_TASKS
 from tests.conftest import toy_loader, toy_model, toy_trainer
+from tests.test_app import compose_train
 
 from mt2st_lightning import MT2STCallback
 from mt2st_lightning.models import MLPEncoder, MultiTaskModel
-from mt2st_lightning.names import SWITCH_STEP_PREFIX
+from mt2st_lightning.names import SWITCH_STEP_PREFIX, VAL_PRIMARY_METRIC
 from mt2st_lightning.policies.plateau import PlateauSwitch
+from mt2st_lightning.train import train
 
 SETTINGS = settings(max_examples=300, deadline=None)
 TASKS = ("recon", "parity")
@@ -358,6 +361,7 @@ def plateau_fit(tmp_path, max_epochs, ckpt_path=None, extra=(), logger=False):
     return mt2st, model, trainer
 
 
+@pytest.mark.slow
 def test_a_real_fit_switches_at_the_step_after_early_stopping_signals(tmp_path):
     early_stopping = EarlyStopping(KEY, mode="max", patience=3, check_on_train_epoch_end=False)
     signal = FirstStopSignal()
@@ -399,6 +403,7 @@ def test_under_ddp_a_plateau_on_one_rank_switches_every_rank_at_the_same_step(tm
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, str(script), str(tmp_path)],
+        check=False,
         env=env,
         capture_output=True,
         text=True,
@@ -417,3 +422,33 @@ def test_under_ddp_a_plateau_on_one_rank_switches_every_rank_at_the_same_step(tm
     assert ranks[0]["wait_count"] == 0 and ranks[1]["wait_count"] == 2  # only rank 1's own value said so
     for name, p in ranks[0]["params"].items():
         assert torch.equal(p, ranks[1]["params"][name]), f"{name} differs between ranks"
+
+
+# ------------------------------------------------------------------------------ from the Hydra app
+def test_the_hydra_preset_monitors_the_apps_primary_validation_metric():
+    cfg = compose_train("strategy=plateau")
+    callback = hydra.utils.instantiate(cfg.strategy)
+    assert isinstance(callback.policy, PlateauSwitch)
+    assert (callback.policy.monitor, callback.policy.mode, callback.policy.patience) == (
+        VAL_PRIMARY_METRIC,
+        "max",
+        3,
+    )
+
+
+@pytest.mark.slow
+def test_mt2st_train_switches_on_a_plateau(tmp_path):
+    # Accuracy cannot improve by more than min_delta=1: the first check sets the best, the second (end of
+    # epoch 1, step 8 of the smoke run's 4 batches per epoch) runs out of patience 1.
+    cfg = compose_train(
+        f"paths.output_dir={tmp_path}",
+        "experiment=smoke",
+        "strategy=plateau",
+        "strategy.patience=1",
+        "strategy.min_delta=1.0",
+        "trainer.max_epochs=3",
+    )
+    summary = train(cfg)
+    assert summary["strategy"] == "plateau"
+    assert summary["drop_times"] == {"recon": 8, "edges": 8, "moments": 8}
+    assert list(summary["phases"]) == ["digit+recon+edges+moments", "digit"]
