@@ -1,8 +1,9 @@
 """Adaptive auxiliary-weight factors (MT2ST eqs. 13-15): pure tensor functions.
 
-Each function turns per-task statistics into one factor per auxiliary task. They know nothing of
-Lightning: the cross-rank reduction is passed in as a function, and the smoothing state lives in the
-callback. All of them return non-negative factors that sum to ``budget`` (``lambda`` in the paper).
+Each function turns per-task statistics into one factor per auxiliary task, or measures those statistics
+(task-gradient norms and alignments). They know nothing of Lightning: the cross-rank reduction is passed in as a
+function, and the smoothing state lives in the policies (``policies/measured.py``). The factor functions return
+non-negative factors that sum to ``budget`` (``lambda`` in the paper).
 """
 
 from __future__ import annotations
