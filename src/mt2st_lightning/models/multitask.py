@@ -94,7 +94,8 @@ class MultiTaskModel(MT2STMixin, pl.LightningModule):
 
     def _shared_step(self, batch: Mapping[str, Tensor], stage: str) -> tuple[Tensor, dict[str, Tensor]]:
         # Evaluation measures the primary task only: the auxiliary heads exist to shape the encoder.
-        outputs = self(batch["x"], None if stage == "train" else (self.primary_task,))
+        h = self.encoder(batch["x"])  # the shared features: gradient-based policies measure on them
+        outputs = {t: self.heads[t](h) for t in (self.active_tasks if stage == "train" else (self.primary_task,))}
         losses = {t: self.task_loss(t, out, batch[t]) for t, out in outputs.items()}
         primary = self.primary_task
         metric = getattr(self, f"{stage}_metric")
@@ -106,7 +107,7 @@ class MultiTaskModel(MT2STMixin, pl.LightningModule):
             samples = getattr(self, f"{stage}_samples")
             samples.update(n)
             self.log(f"{stage}/samples", samples, on_step=False, on_epoch=True, batch_size=n)
-        return self.mt2st_loss(losses) if stage == "train" else losses[primary], losses
+        return self.mt2st_loss(losses, features=h) if stage == "train" else losses[primary], losses
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         loss, losses = self._shared_step(batch, "train")
