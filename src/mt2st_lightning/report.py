@@ -34,11 +34,17 @@ from typing import Any
 
 from mt2st_lightning.names import (
     COST_FLOPS,
-    COST_FLOPS_AT_VAL as FLOPS_AT_VAL,
-    COST_TIME_AT_VAL as TIME_AT_VAL,
-    VAL_PRIMARY_METRIC as VAL_METRIC,
     WEIGHT_PREFIX,
     task_loss,
+)
+from mt2st_lightning.names import (
+    COST_FLOPS_AT_VAL as FLOPS_AT_VAL,
+)
+from mt2st_lightning.names import (
+    COST_TIME_AT_VAL as TIME_AT_VAL,
+)
+from mt2st_lightning.names import (
+    VAL_PRIMARY_METRIC as VAL_METRIC,
 )
 
 __all__ = [
@@ -546,8 +552,10 @@ def _drop_points(group: Group, axis: str) -> list[float]:
 
 
 def _legend(fig: Any, handles: list[Any], labels: list[str]) -> None:
-    """One legend under all panels."""
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), fontsize=8, frameon=False)
+    """One legend under all panels, in as many columns as its longest entry lets fit across the figure."""
+    chars_across = fig.get_figwidth() * 72 / (8 * 0.6)  # 8 pt text, about 0.6 em a character
+    fit = int(chars_across // (max(len(label) for label in labels) + 8))  # + the line sample and the gap
+    fig.legend(handles, labels, loc="outside lower center", ncols=max(1, min(len(labels), 4, fit)), fontsize=8, frameon=False)
 
 
 def _drop_handle(color: str = "0.3") -> Any:
@@ -572,7 +580,7 @@ def plot_curves(runs: Sequence[Run], out_dir: Path) -> list[Path]:
     for axis, (train_x, val_x, x_scale, xlabel) in axes_spec.items():
         fig, axes = _figure(1, 2, height=4.2)
         panels = (
-            (axes[0][0], loss, train_x, 1.0, f"training loss of the primary task '{primary}' (log scale)"),
+            (axes[0][0], loss, train_x, 1.0, f"training loss of '{primary}' (log scale)"),
             (axes[0][1], VAL_METRIC, val_x, 100.0, f"validation accuracy of '{primary}' (%)"),
         )
         handles, labels = [], []
@@ -590,7 +598,8 @@ def plot_curves(runs: Sequence[Run], out_dir: Path) -> list[Path]:
                     ax.axvline(point, color=style["color"], linestyle=(0, (1, 2)), linewidth=1.2, alpha=0.9)
                 if panel == 0:
                     handles.append(line)
-                    labels.append(f"{group.label} (mean of {len(group.runs)} run{'s' * (len(group.runs) > 1)})")
+                    n = len(group.runs)
+                    labels.append(f"{group.label} (mean of {n} runs)" if n > 1 else f"{group.label} (1 run)")
             ax.set(xlabel=xlabel, ylabel=ylabel)
             ax.grid(alpha=0.3)
         axes[0][0].set_yscale("log")
@@ -636,12 +645,12 @@ def plot_weights(runs: Sequence[Run], out_dir: Path) -> Path | None:
         for step in drops:
             ax.axvline(step, color="0.3", linestyle=(0, (1, 2)), linewidth=1.2)
         n = len(group.runs)
-        title = f"{group.label}, {n} run{'s' * (n > 1)}" + (
-            f": heads dropped at step {', '.join(f'{s:g}' for s in drops)}" if drops else ": no head dropped"
+        details = f"{n} run{'s' * (n > 1)}; " + (
+            f"heads dropped at step {', '.join(f'{s:g}' for s in drops)}" if drops else "no head dropped"
         )
         if first:
-            title += f"\n(weights logged from step {first:g})"
-        ax.set_title(title, fontsize=9)
+            details += f"; weights logged from step {first:g}"
+        ax.set_title(f"{group.label}\n{details}", fontsize=9)
         ax.set(xlabel="training step (optimizer steps)", ylabel="auxiliary loss weight (unitless)")
         ax.grid(alpha=0.3)
     for ax in [ax for row in axes for ax in row][len(groups) :]:
