@@ -4,8 +4,11 @@ on the shared features keeps opposing the primary task's."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import io
 import math
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -367,3 +370,19 @@ def test_under_ddp_both_ranks_drop_the_same_task_at_the_same_step(tmp_path):
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 12
     for name, p in ranks[0]["params"].items():
         assert torch.equal(p, ranks[1]["params"][name]), f"{name} differs between ranks"
+
+
+def test_a_measurement_reads_the_device_once():
+    spec = importlib.util.spec_from_file_location(
+        "sync_probe", Path(__file__).parents[1] / "benchmarks" / "sync_probe.py"
+    )
+    sync_probe = sys.modules.setdefault("sync_probe", importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(sync_probe)
+    heads = Heads()
+    policy = ConflictSwitch(window=2, adapt_every=1)
+    policy.bind(TASKS, total=None, unit="step")
+    policy.weights(0, TASKS)
+    record = heads.record({"agree": heads.u, "fight": -heads.u, "side": heads.v})
+    with sync_probe.count_syncs() as counter:
+        policy.observe_step(0, record, OneRank())
+    assert counter.total == 1, counter.where

@@ -6,6 +6,7 @@ copy of its logic.
 
 from __future__ import annotations
 
+import inspect
 import io
 import math
 import os
@@ -284,6 +285,12 @@ def test_a_plan_that_cannot_be_carried_out_fails_at_bind(kwargs, total, match):
     policy = PlateauSwitch(KEY, **kwargs)
     with pytest.raises(ValueError, match=match):
         policy.bind(TASKS, total=total, unit="step")
+
+
+def test_defaults_are_early_stoppings():
+    ours, theirs = inspect.signature(PlateauSwitch).parameters, inspect.signature(EarlyStopping).parameters
+    for name in ("mode", "patience", "min_delta"):
+        assert ours[name].default == theirs[name].default, name
 
 
 def test_numpy_scalars_are_numbers():

@@ -11,6 +11,7 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from mt2st_lightning import adaptive
@@ -126,11 +127,13 @@ class ConflictSwitch(Policy):
             names=tasks,
             what="shared features",
         )
-        stats = stats.cpu()  # the one host-device sync of a measuring step
-        if not bool(stats.isfinite().all()):
+        cosines = adaptive.gradient_cosines(stats)
+        # The one host-device sync of a measurement: statistics and cosines read together.
+        values = torch.cat([stats.flatten().double(), cosines]).tolist()
+        n = stats.numel()
+        if not all(math.isfinite(v) for v in values[:n]):
             return  # overflowed: ignore this measurement, as the GradScaler skips the step
-        cosines = adaptive.gradient_cosines(stats).tolist()
-        for task, cosine in zip(aux, cosines):
+        for task, cosine in zip(aux, values[n:]):
             self.last_cosines[task] = cosine
             if math.isnan(cosine):
                 continue  # a zero gradient has no direction: neither a conflict nor an agreement
