@@ -480,3 +480,14 @@ def test_step_checkpoints_keep_last_ckpt_within_a_few_steps_in_long_epochs(tmp_p
         train(cfg)
     # Saved at steps 3, 4 (the epoch's end) and 6: the latest of them, not the epoch end.
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
+@pytest.mark.parametrize(("terminal", "mode"), [(True, "bar"), (False, "epoch")])
+def test_auto_progress_is_the_bar_in_a_terminal_and_epoch_lines_elsewhere(monkeypatch, terminal, mode):
+    from mt2st_lightning import train as app
+
+    monkeypatch.setattr(app.sys.stdout, "isatty", lambda: terminal)
+    monkeypatch.setattr(app.sys.stderr, "isatty", lambda: terminal)
+    cfg = compose_train("trainer.enable_progress_bar=true")
+    assert app._progress_mode(cfg, []) == mode
+    assert app._progress_mode(compose_train("trainer.enable_progress_bar=false"), []) == "off"
