@@ -352,8 +352,8 @@ SCORES = [0.1, 0.3, 0.5, 0.5, 0.45, 0.5, 0.6, 0.7]
 BATCHES = 6  # toy_loader(): 96 samples, batch size 16
 
 
-def plateau_fit(tmp_path, max_epochs, ckpt_path=None, extra=(), logger=False):
-    mt2st = MT2STCallback("plateau", monitor=KEY, mode="max", patience=3)
+def plateau_fit(tmp_path, max_epochs, ckpt_path=None, extra=(), logger=False, unit="step"):
+    mt2st = MT2STCallback("plateau", monitor=KEY, mode="max", patience=3, unit=unit)
     model = scripted_model(SCORES)
     trainer = toy_trainer(
         tmp_path,
@@ -381,6 +381,13 @@ def test_a_real_fit_switches_at_the_step_after_early_stopping_signals(tmp_path):
     assert model.active_tasks == ("label",) and trainer.global_step == 8 * BATCHES
     logged = {k: v for _, row in logger.rows for k, v in row.items() if k.startswith(SWITCH_STEP_PREFIX)}
     assert logged == {SWITCH_STEP_PREFIX + "recon": switch_step, SWITCH_STEP_PREFIX + "parity": switch_step}
+
+
+@pytest.mark.slow
+def test_with_unit_epoch_the_heads_leave_at_the_next_epoch(tmp_path):
+    mt2st, model, _ = plateau_fit(tmp_path, 8, unit="epoch")
+    assert mt2st.policy.decided_at == 5  # the check that ends epoch 5
+    assert mt2st.drop_times == {"recon": 6, "parity": 6} and model.active_tasks == ("label",)
 
 
 @pytest.mark.slow
