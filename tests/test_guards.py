@@ -40,8 +40,8 @@ def test_default_settings_add_no_sync_to_an_ordinary_step(strategy, kwargs):
         assert counts["boundary_steps"] == 1, counts  # the drop happened within the probe
 
 
-@pytest.mark.parametrize("strategy", ["gradnorm", "fisher", "noise"])
-def test_adaptive_strategies_sync_on_their_measuring_steps_only(strategy):
+@pytest.mark.parametrize("strategy", ["gradnorm", "fisher", "noise", "conflict"])
+def test_measuring_strategies_sync_on_their_measuring_steps_only(strategy):
     counts = sync_probe.probe(strategy, steps=24, adapt_every=5)
     assert counts["measuring_steps"] == 5  # steps 0, 5, 10, 15, 20
     assert counts["measuring_syncs"] > 0

@@ -8,7 +8,17 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-EXAMPLES = re.findall(r"<!-- readme-example[^>]*-->\s*```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def _examples() -> list[str]:
+    """Each marked block; a block marked "continues" runs after the one before it (it reuses its names)."""
+    examples: list[str] = []
+    for marker, code in re.findall(r"<!-- readme-example([^>]*)-->\s*```python\n(.*?)```", README.read_text(), flags=re.S):
+        examples.append(examples[-1] + "\n" + code if "continues" in marker and examples else code)
+    return examples
+
+
+EXAMPLES = _examples()
 
 
 def test_readme_has_examples():
