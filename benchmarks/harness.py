@@ -344,6 +344,60 @@ class Probe:
             self.log.cuda_peak_bytes = torch.cuda.max_memory_allocated()
 
 
+# ============================================================================== host conversions on the CPU
+class _LoggingSteps(Callback):
+    """Which steps are Lightning logging steps (``log_every_n_steps``), as MT2STCallback sees them."""
+
+    def __init__(self) -> None:
+        self.steps: set[int] = set()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer._logger_connector.should_update_logs:  # the flag MT2STCallback and LearningRateMonitor read
+            self.steps.add(trainer.global_step)
+
+
+@dataclass
+class SyncCount:
+    """Conversions of tensors to Python values made on behalf of mt2st_lightning (``sync_probe.count_syncs``), by
+    kind of step. On a GPU each is a host-device synchronisation (some convert a tensor already on the host)."""
+
+    steps: dict[str, int]  # kind -> number of steps of that kind
+    syncs: dict[str, int]  # kind -> conversions in those steps
+    outside: int  # conversions between steps (epoch end, train end)
+    where: dict[str, int]  # "module:function (method)" -> conversions, all steps
+
+    def per_step(self, kind: str) -> float | None:
+        return self.syncs[kind] / self.steps[kind] if self.steps[kind] else None
+
+    @property
+    def mean(self) -> float:
+        """Conversions per step over the whole fit, everything included."""
+        return (sum(self.syncs.values()) + self.outside) / max(sum(self.steps.values()), 1)
+
+
+SYNC_KINDS = ("ordinary", "logging", "measuring", "drop")
+
+
+def count_library_syncs(model: ModelSpec, variant: Variant, data: Data, opts: FitOptions) -> SyncCount:
+    """One fit of the variant under ``sync_probe.count_syncs`` (CORE-A's probe): the conversions per step, with
+    the steps split into ordinary ones, Lightning logging steps (the non-finite guard reads its flag there),
+    measuring steps (an adaptive policy observed the step) and drop steps (a head left)."""
+    from sync_probe import PerStep, count_syncs
+
+    logging_steps = _LoggingSteps()
+    with count_syncs() as counter:
+        per_step = PerStep(counter)
+        run_fit(model, variant, data, opts, early=[per_step, logging_steps])
+    steps = dict.fromkeys(SYNC_KINDS, 0)
+    syncs = dict.fromkeys(SYNC_KINDS, 0)
+    for st in per_step.steps:
+        kind = ("measuring" if st["measuring"] else "drop" if st["boundary"]
+                else "logging" if st["step"] in logging_steps.steps else "ordinary")
+        steps[kind] += 1
+        syncs[kind] += st["syncs"]
+    return SyncCount(steps, syncs, per_step.between, dict(counter.where))
+
+
 # ============================================================================== memory held by training state
 def training_state_bytes(module: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, int]:
     """Bytes of the storages behind parameters, existing ``.grad`` tensors, optimizer state tensors and buffers,
@@ -406,7 +460,7 @@ class _Fit:
 
 
 def _prepare(model: ModelSpec, variant: Variant, data: Data, opts: FitOptions, root: str, timed: bool = True,
-             **probe_kwargs: Any) -> _Fit:
+             early: Sequence[Callback] = (), **probe_kwargs: Any) -> _Fit:
     module = build_module(model, variant, data, opts.seed, opts.compile_encoder)
     log = StepLog()
     # On a GPU the clock synchronises at its two instants; the probe fits (FLOPs, memory, synchronisations) are
@@ -420,19 +474,21 @@ def _prepare(model: ModelSpec, variant: Variant, data: Data, opts: FitOptions, r
             module.drop_task(task)
     if variant.empty_callback:
         extra.append(_Empty())
-    trainer = make_trainer(opts, [probe.first, *extra, probe.last], root)
+    trainer = make_trainer(opts, [probe.first, *early, *extra, probe.last], root)
     return _Fit(variant, module, trainer, probe, log, data.loader(opts.steps))
 
 
-def run_fit(model: ModelSpec, variant: Variant, data: Data, opts: FitOptions, **probe_kwargs: Any) -> StepLog:
-    """One ``Trainer.fit`` of the variant, alone (FLOPs, memory, synchronisations)."""
+def run_fit(model: ModelSpec, variant: Variant, data: Data, opts: FitOptions, early: Sequence[Callback] = (),
+            **probe_kwargs: Any) -> StepLog:
+    """One ``Trainer.fit`` of the variant, alone (FLOPs, memory, synchronisations). ``early``: callbacks placed
+    before MT2STCallback's (after the clock's first one)."""
     with contextlib.ExitStack() as stack:
         root = stack.enter_context(tempfile.TemporaryDirectory())
         if probe_kwargs.get("sync_from") is not None:
             records = stack.enter_context(warnings.catch_warnings(record=True))
             warnings.simplefilter("always")
             probe_kwargs["sync_records"] = records
-        fit = _prepare(model, variant, data, opts, root, timed=False, **probe_kwargs)
+        fit = _prepare(model, variant, data, opts, root, timed=False, early=early, **probe_kwargs)
         gc.collect()
         fit.trainer.fit(fit.module, fit.loader)
         fit.probe.finish()

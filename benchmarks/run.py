@@ -31,8 +31,15 @@ import harness  # noqa: E402
 import variants as V  # noqa: E402
 
 RESULTS = HERE / "RESULTS.md"
+SYNC_STEPS = 55  # sync-probe fits: Lightning's logging step 49 (log_every_n_steps=50) is in them
+#: The rows whose library syncs are counted: every strategy with its default settings (adaptive ones: both modes at
+#: the default adapt_every=10; every 1 only measures more often), and the settings that change what a step reads.
+SYNC_ROWS = ("stl", "mtl", "diminish", "switch, post-switch", "switch, post-switch, quiet", "diminish+prune, all pruned",
+             "plateau", "gradnorm, representation, every 10", "gradnorm, parameters, every 10",
+             "fisher, representation, every 10", "noise, every 10", "conflict, every 10")
 MEASURE_STEPS = 9  # FLOP/memory fits: steps 0..8 cover every phase (switch at 3, last prune at 7)
 NO_ARITHMETIC = {*V.QUIET, "release_heads"}  # callback settings that change no FLOP of a step
+MEASURING_STRATEGIES = ("gradnorm", "fisher", "noise", "conflict")  # observe 1 step in adapt_every (default 10)
 
 
 # ============================================================================== settings
@@ -47,6 +54,8 @@ class Settings:
     quick: bool
     clock: str = "cpu"  # "cpu": the fit thread's CPU time (time.thread_time); "wall": time.perf_counter
     variant_filter: list[str] = field(default_factory=list)
+    section: str = ""  # only the rows of this table section ("pre"/"post"), with their baselines
+    jobs: int = 1  # parallel processes (one per model and table section)
 
     @property
     def steps(self) -> int:
@@ -60,12 +69,19 @@ def parse() -> tuple[Settings, argparse.Namespace]:
     ap.add_argument("--variants", default="", help="only rows whose name contains one of these (comma-separated);"
                     " the baselines are always kept")
     ap.add_argument("--sessions", type=int, default=None, help="lockstep sessions (fresh fits) per model (2; quick 1)")
-    ap.add_argument("--timed", type=int, default=None, help="timed steps per fit and session (105; quick 16)")
+    ap.add_argument("--timed", type=int, default=None, help="timed steps per fit and session (100; quick 16)")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     ap.add_argument("--out", default=None, help="Markdown file to update (default: benchmarks/RESULTS.md for a"
                     " full run, nothing for --quick)")
     ap.add_argument("--dump", default=None, help="also write every timed step's times (JSON) to this file")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="run the models and table sections in this many parallel processes (each one in lockstep "
+                    "as before; on a loaded machine the whole run takes less wall-clock time)")
+    ap.add_argument("--part", default=None, help=argparse.SUPPRESS)  # internal: MODEL:SECTION or compile
+    ap.add_argument("--save", default=None, help=argparse.SUPPRESS)  # internal: pickle the part's results here
+    ap.add_argument("--no-compile", action="store_true",
+                    help="leave out the CPU torch.compile section (its fits compile with inductor: minutes)")
     ap.add_argument("--smoke-gpu-path", action="store_true",
                     help="run the GPU suite's code path (bf16-mixed + torch.compile) on the CPU, quick, no output")
     a = ap.parse_args()
@@ -73,12 +89,14 @@ def parse() -> tuple[Settings, argparse.Namespace]:
     s = Settings(
         models=[m for m in a.models.split(",") if m],
         sessions=a.sessions or (1 if quick else 2),
-        timed=a.timed or (16 if quick else 105),
+        # 100 timed steps after 10 warm-up steps: steps 10..109, so adapt_every=10 measures in exactly 1 in 10.
+        timed=a.timed or (16 if quick else 100),
         warmup=a.warmup or (8 if quick else 10),
-        round_len=8 if quick else 21,
+        round_len=8 if quick else 20,
         threads=a.threads,
         quick=quick,
         variant_filter=[v for v in a.variants.split(",") if v],
+        jobs=max(1, a.jobs),
     )
     unknown = [m for m in s.models if m not in V.MODELS]
     if unknown:
@@ -92,9 +110,15 @@ def select(s: Settings, gpu: bool, model: str) -> list[V.Variant]:
     rows = [v for v in V.VARIANTS if v.models is None or model in v.models]
     if gpu:
         rows = [v for v in rows if v.gpu]
-    if s.variant_filter:
-        keep = {v.name for v in rows if any(f in v.name for f in s.variant_filter)}
+    if s.variant_filter or s.section:
+        keep = {v.name for v in rows if (not s.variant_filter or any(f in v.name for f in s.variant_filter))
+                and (not s.section or v.section == s.section)}
         keep |= {v.name for v in rows if v.baseline is None}  # the baselines stay: the model table needs them
+        by = {v.name: v for v in rows}
+        for name in list(keep):  # and every row a kept row is divided by (e.g. `mtl` for the adaptive rows)
+            while by[name].baseline is not None:
+                name = by[name].baseline
+                keep.add(name)
         rows = [v for v in rows if v.name in keep]
     V.by_name(rows)  # checks names and baselines
     return rows
@@ -140,12 +164,14 @@ class ModelResult:
     memory: dict[str, dict[str, int]]  # variant -> training-state bytes after the last probe step
     cuda_peak: dict[str, int] = field(default_factory=dict)
     syncs: dict[str, float] = field(default_factory=dict)
+    library_syncs: dict[str, harness.SyncCount] = field(default_factory=dict)  # CPU: sync_probe's counts
     params: int = 0
     encoder_params: int = 0
     aux_heads: int = 0  # auxiliary heads of the multi-task model
 
 
-def measure_model(name: str, s: Settings, rows: list[V.Variant], opts: harness.FitOptions, log) -> ModelResult:
+def measure_model(name: str, s: Settings, rows: list[V.Variant], opts: harness.FitOptions, log,
+                  timing_only: bool = False) -> ModelResult:
     spec = V.MODELS[name]
     data = harness.digits_data(spec.batch_size)
     gpu = opts.accelerator == "gpu"
@@ -170,7 +196,7 @@ def measure_model(name: str, s: Settings, rows: list[V.Variant], opts: harness.F
     # Memory: the training state once the last head is gone; on a GPU also the peak, and the synchronisations
     # of every row (those depend on logging and on the non-finite check, so every row gets its own fit).
     extra = MEASURE_STEPS + 4
-    for v in rows:
+    for v in [] if timing_only else rows:
         # The baselines and the callback's post-switch rows; a quiet row holds what its loud twin holds.
         in_memory_table = v.module != "mt2st" and v.baseline is None or (
             v.module == "mt2st" and v.with_callback and v.phase == "post" and not set(v.callback) & set(V.QUIET))
@@ -187,6 +213,17 @@ def measure_model(name: str, s: Settings, rows: list[V.Variant], opts: harness.F
         if gpu:
             res.syncs[v.name] = statistics.mean(slog.syncs) if slog.syncs else float("nan")
     log(f"  {name}: FLOP and memory probes {time.perf_counter() - t0:.1f}s")
+    if not gpu and not timing_only:  # the GPU suite counts real CUDA synchronisations instead (above)
+        t0 = time.perf_counter()
+        counted: dict[str, harness.SyncCount] = {}
+        for v in rows:
+            if v.name not in SYNC_ROWS:
+                continue
+            key = repr(sorted(V.resolve_callback(v, SYNC_STEPS).items()))
+            if key not in counted:
+                counted[key] = harness.count_library_syncs(spec, v, data, replace(opts, steps=SYNC_STEPS))
+            res.library_syncs[v.name] = counted[key]
+        log(f"  {name}: sync probes {time.perf_counter() - t0:.1f}s")
 
     # Timing: lockstep sessions. Each row is paired with its own copy of its baseline: a row's step i and the
     # baseline's step i run back to back, a few ms apart, on the same batch, so that they see the same machine (on
@@ -292,10 +329,11 @@ def fmt_bytes(x: int) -> str:
     return f"{x / 1024:,.1f} KiB" if x < 1024**2 else f"{x / 1024**2:,.2f} MiB"
 
 
-def verdict(value: float, target: float | None) -> str:
+def verdict(value: float, target: float | None, of: str = "") -> str:
     if target is None:
         return "no target (reported)"
-    return f"<= {target}: **met**" if value <= target else f"<= {target}: **NOT met**"
+    what = f"{of} " if of else ""
+    return f"{what}<= {target}: **met**" if value <= target else f"{what}<= {target}: **NOT met**"
 
 
 def flop_cells(res: ModelResult, v: V.Variant) -> tuple[str, str]:
@@ -305,7 +343,7 @@ def flop_cells(res: ModelResult, v: V.Variant) -> tuple[str, str]:
     mine = phases[0] if v.phase == "post" else phases[max(phases)]
     cell = fmt_flops(mine)
     cfg = V.resolve_callback(v, 10**6)
-    if cfg.get("strategy") in ("gradnorm", "fisher", "noise"):
+    if cfg.get("strategy") in MEASURING_STRATEGIES:
         every = int(cfg.get("adapt_every", 10))
         m = res.flops[v.name][0]
         cell += f"; measuring step (1 in {every}): {fmt_flops(m)}"
@@ -331,8 +369,47 @@ def timing_table(results: list[ModelResult], rows: list[V.Variant], s: Settings,
                 f"| {r.added_us:+.0f} us | **{r.ratio:.3f}** | {r.ci[0]:.3f}-{r.ci[1]:.3f} "
                 f"| {min(r.rounds):.3f} / {statistics.median(r.rounds):.3f} / {max(r.rounds):.3f} "
                 f"| {r.of_medians:.3f} | {r.wall:.3f} | {r.window:.3f} | {r.mean:.3f} | {fl} | {fr} "
-                f"| {verdict(r.ratio, v.target)} |"
+                f"| {verdict(r.mean, v.target, 'mean') if v.mean_target else verdict(r.ratio, v.target)} |"
             )
+    return out
+
+
+def sync_table(results: list[ModelResult], rows: list[V.Variant]) -> list[str]:
+    """Table 3 on the CPU: ``benchmarks/sync_probe.py``'s count of the tensor-to-Python conversions made by
+    mt2st_lightning's own code, per kind of step."""
+    out = [
+        f"Counted with `benchmarks/sync_probe.py` (`count_syncs`): every tensor-to-Python conversion (`item`, "
+        f"`__bool__`, `__float__`, `tolist`, `cpu`, ..., `torch.equal`/`allclose`) made while a frame of "
+        f"mt2st_lightning's library code is on the stack, in one fit of {SYNC_STEPS} steps per row (default "
+        "settings of the row, a `DummyLogger`, `log_every_n_steps=50`). On a GPU each one is a host-device "
+        "synchronisation, except conversions of tensors that are already on the host (a measuring step's "
+        "statistics, once copied to the CPU, count again here: the figure is an upper bound). *ordinary*: no "
+        "measurement, no drop, not a logging step; *logging*: Lightning's logging steps, where the non-finite "
+        "guard (`on_nonfinite='raise'`) reads its flag; *measuring*: an adaptive or conflict policy observed the "
+        "step; *drop*: a head left in that step; *outside*: between steps (epoch and train end, in total); "
+        "*mean*: all conversions of the fit / its steps. Lightning's own conversions (its logging) are not "
+        "counted; the plain baselines make none from mt2st_lightning.",
+        "",
+        "| model | row | ordinary: per step (steps) | logging: per step (steps) | measuring: per step (steps) "
+        "| drop: per step (steps) | outside steps | mean per step | where (whole fit) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(c: harness.SyncCount, kind: str) -> str:
+        per = c.per_step(kind)
+        return "-" if per is None else f"{per:.2f} ({c.steps[kind]})"
+
+    for res in results:
+        for v in rows:
+            c = res.library_syncs.get(v.name)
+            if c is None:
+                continue
+            where = ", ".join(f"{k.replace('mt2st_lightning.', '')} x{n}"
+                              for k, n in sorted(c.where.items(), key=lambda kv: -kv[1])[:3]) or "-"
+            if len(c.where) > 3:
+                where += f", +{len(c.where) - 3} more"
+            out.append(f"| {res.model.name} | {v.name} | {cell(c, 'ordinary')} | {cell(c, 'logging')} "
+                       f"| {cell(c, 'measuring')} | {cell(c, 'drop')} | {c.outside} | {c.mean:.3f} | {where} |")
     return out
 
 
@@ -400,7 +477,9 @@ def report(results: list[ModelResult], rows: list[V.Variant], s: Settings, env: 
         f"- {env['threads']}; {s.sessions} lockstep session(s) per model x {s.timed} timed steps per fit after "
         f"{s.warmup} warm-up steps = {s.sessions * s.timed} timed steps per row; whole run {wall:.0f} s",
         "- **How**: every row and every baseline is a real `Trainer.fit` (AdamW, a `DummyLogger` (Lightning's logging path every 50 steps, no file I/O), no progress bar, "
-        "no checkpointing, no validation). All fits of a model run in one process, in *lockstep*: one thread "
+        "no checkpointing, no validation). All fits of a model" + (" and table section" if s.jobs > 1 else "")
+        + " run in one process" + (f" (up to {s.jobs} such processes in parallel, `--jobs {s.jobs}`)" if s.jobs > 1
+                                   else "") + ", in *lockstep*: one thread "
         "per fit, and a baton lets exactly one fit run one training step at a time; each row is paired with "
         "its own copy of its baseline, and the order of the pairs and which of the two goes first are drawn "
         "afresh every cycle. So step i of a row and step i of its baseline run back to back, a few ms apart, on "
@@ -413,7 +492,8 @@ def report(results: list[ModelResult], rows: list[V.Variant], s: Settings, env: 
         f"*95% CI* = bootstrap over steps; *rounds* = the same median within each run of {s.round_len} consecutive "
         "cycles (min / median / max over rounds); *ratio of medians* = median row step / median baseline step; "
         "*added per step* = median of (row step i - baseline step i); *mean* = mean / mean (charges the adaptive "
-        "strategies' measuring steps, 1 in 10). The **A/A** rows (a baseline against its own copy) show what "
+        "strategies' measuring steps, 1 in `adapt_every`; the issue's targets for them apply to it, divided by the "
+        "`mtl` row's step). The **A/A** rows (a baseline against its own copy) show what "
         "the method reads when there is no difference. The CI covers the step-to-step noise; fresh fits of the "
         "same row differ by up to about 1.5% more (memory layout, which fits share a cycle), hence one fresh set "
         "of fits per session.",
@@ -431,7 +511,8 @@ def report(results: list[ModelResult], rows: list[V.Variant], s: Settings, env: 
         "",
         *timing_table(results, rows, s, "pre"),
         "",
-        "#### 3. Host-device synchronisations per step added by the callback",
+        "#### 3. Host-device synchronisations per step made by the library"
+        + (" (CUDA, `torch.cuda.set_sync_debug_mode`)" if gpu else " (CPU-side probe: tensor-to-Python conversions)"),
         "",
     ]
     if gpu:
@@ -444,8 +525,7 @@ def report(results: list[ModelResult], rows: list[V.Variant], s: Settings, env: 
                 b = res.syncs.get(v.baseline, float("nan"))
                 lines.append(f"| {res.model.name} | {name} | {n:.2f} | {b:.2f} | {n - b:+.2f} |")
     else:
-        lines.append("not measured: no GPU (`torch.cuda.set_sync_debug_mode` counts only CUDA synchronisations; "
-                     "the code path is `Probe(sync_from=...)` in harness.py, run by the GPU suite).")
+        lines += sync_table(results, rows)
     lines += [
         "",
         "#### 4. Memory after the switch vs. the single-task model (target <= 1.01)",
@@ -510,14 +590,127 @@ def dump(results: list[ModelResult], s: Settings, path: Path) -> None:
 
 
 # ============================================================================== main
-def suite(s: Settings, opts: harness.FitOptions, log) -> tuple[list[ModelResult], list[V.Variant]]:
+def suite(s: Settings, opts: harness.FitOptions, log, timing_only: bool = False
+          ) -> tuple[list[ModelResult], list[V.Variant]]:
     gpu = opts.accelerator == "gpu"
     results, all_rows = [], {}
     for name in s.models:
         rows = select(s, gpu=gpu or opts.compile_encoder, model=name)
         all_rows.update({v.name: v for v in rows})
-        results.append(measure_model(name, s, rows, opts, log))
+        results.append(measure_model(name, s, rows, opts, log, timing_only=timing_only))
     return results, list(all_rows.values())
+
+
+def compile_suite(s: Settings, log) -> tuple | None:
+    cs = replace(s, sessions=1, variant_filter=list(COMPILE_ROWS), section="",
+                 models=[m for m in s.models if m in COMPILE_MODELS])
+    if not cs.models:
+        return None
+    log("torch.compile on the CPU (inductor, the encoder of every fit compiled)")
+    t_c = time.perf_counter()
+    c_results, c_rows = suite(cs, harness.FitOptions(steps=0, compile_encoder=True), log, timing_only=True)
+    return c_results, c_rows, cs, time.perf_counter() - t_c
+
+
+def run_part(s: Settings, a: argparse.Namespace, log) -> None:
+    import pickle
+
+    def portable(results: list[ModelResult]) -> list[ModelResult]:
+        for res in results:
+            res.model = res.model.name  # type: ignore[assignment]  # a ModelSpec holds lambdas; restored by name
+        return results
+
+    if a.part == "compile":
+        compiled = compile_suite(s, log)
+        out = {"compiled": None if compiled is None else (portable(compiled[0]), [v.name for v in compiled[1]],
+                                                          *compiled[2:])}
+    else:
+        model, section = a.part.split(":")
+        ps = replace(s, models=[model], section=section)
+        results, rows = suite(ps, harness.FitOptions(steps=0), log)
+        out = {"results": portable(results), "rows": [v.name for v in rows]}
+    Path(a.save).write_bytes(pickle.dumps(out))
+
+
+def _merge(into: ModelResult, part: ModelResult) -> None:
+    for name in ("logs", "paired", "flops", "flop_phases", "memory", "cuda_peak", "syncs", "library_syncs"):
+        getattr(into, name).update(getattr(part, name))
+
+
+def run_jobs(s: Settings, a: argparse.Namespace, log) -> tuple[list[ModelResult], list[V.Variant], tuple | None]:
+    """Each model's two table sections (and the compile section) in a process of its own, up to ``s.jobs`` at a
+    time; every process runs its fits in lockstep exactly as a single run does. Returns the merged results."""
+    import pickle
+    import tempfile
+
+    parts = [f"{m}:{sec}" for m in s.models for sec in ("post", "pre")] + ([] if a.no_compile else ["compile"])
+    passed = [f"--models={','.join(s.models)}", f"--sessions={s.sessions}", f"--timed={s.timed}",
+              f"--warmup={s.warmup}", f"--threads={s.threads}"] + (["--quick"] if s.quick else [])
+    if a.variants:
+        passed.append(f"--variants={a.variants}")
+    with tempfile.TemporaryDirectory() as tmp:
+        pending = list(enumerate(parts))
+        running: list[tuple[int, str, subprocess.Popen]] = []
+        while pending or running:
+            while pending and len(running) < s.jobs:
+                k, part = pending.pop(0)
+                cmd = [sys.executable, str(Path(__file__).resolve()), *passed, f"--part={part}", f"--save={tmp}/{k}.pkl"]
+                running.append((k, part, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+                log(f"started part {part}")
+            time.sleep(1.0)
+            for item in list(running):
+                k, part, proc = item
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                output = proc.stdout.read() if proc.stdout else ""
+                if proc.returncode != 0:
+                    for _, _, other in running:
+                        other.kill()
+                    raise RuntimeError(f"part {part} failed (exit {proc.returncode}):\n{output[-4000:]}")
+                log(f"finished part {part}: " + " | ".join(ln.strip() for ln in output.splitlines() if ln.startswith("[")))
+        loaded = [pickle.loads(Path(f"{tmp}/{k}.pkl").read_bytes()) for k in range(len(parts))]
+    merged: dict[str, ModelResult] = {}
+    names: set[str] = set()
+    compiled = None
+    by = {v.name: v for v in V.VARIANTS}
+    for part in loaded:
+        for res in part.get("results") or (part["compiled"] or [[]])[0]:
+            res.model = V.MODELS[res.model]
+        if "compiled" in part:
+            if part["compiled"] is not None:
+                c_results, c_names, *rest = part["compiled"]
+                compiled = (c_results, [by[n] for n in c_names], *rest)
+            continue
+        names |= set(part["rows"])
+        for res in part["results"]:
+            if res.model.name in merged:
+                _merge(merged[res.model.name], res)
+            else:
+                merged[res.model.name] = res
+    rows = [v for v in V.VARIANTS if v.name in names]
+    return [merged[m] for m in s.models], rows, compiled
+
+
+#: The CPU compile section: MT2ST after the switch vs. the plain single-task model, both with the encoder compiled;
+#: on the two small models (inductor takes minutes to compile the Transformer's forward and backward on 2 cores).
+COMPILE_ROWS = ("switch, post-switch", "A/A: plain single-task")
+COMPILE_MODELS = ("mlp", "cnn")
+
+
+def compile_section(results: list[ModelResult], rows: list[V.Variant], s: Settings, wall: float) -> list[str]:
+    rows = [v for v in rows if v.name in COMPILE_ROWS]
+    return [
+        "#### 7 (CPU). `torch.compile`: after the switch vs. the single-task model, both compiled",
+        "",
+        f"Every fit's encoder is `torch.compile`d (default inductor backend, `fullgraph=False`), on both sides, in "
+        f"lockstep as above; float32; {s.sessions} session x {s.timed} timed steps after {s.warmup} warm-up steps "
+        f"(compilation falls in them; the switch, at step {V.SWITCH_AT}, changes nothing the compiled encoder sees); "
+        f"{wall:.0f} s in all. The GPU suite runs the same comparison under bf16-mixed when a GPU is present.",
+        "",
+        *timing_table(results, rows, s, "post"),
+        "",
+    ]
 
 
 def main() -> None:
@@ -533,16 +726,28 @@ def main() -> None:
     log(f"{env['cpu']}, {env['cores']} cores, torch {env['torch']}, lightning {env['lightning']}, {env['threads']}, "
         f"load {env['load']}")
 
+    if a.part is not None:  # one part of a --jobs run: measure, save, no report
+        run_part(s, a, log)
+        return
+    if s.jobs > 1 and not a.smoke_gpu_path:
+        results, rows, compiled = run_jobs(s, a, log)
+    else:
+        results, rows, compiled = None, None, None
+
     if a.smoke_gpu_path:
         opts = harness.FitOptions(steps=0, accelerator="cpu", precision="bf16-mixed", compile_encoder=True)
         results, rows = suite(s, opts, log)
         print(report(results, rows, s, env, gpu=False, wall=time.perf_counter() - t_start))
         return
 
-    results, rows = suite(s, harness.FitOptions(steps=0), log)
+    if results is None:
+        results, rows = suite(s, harness.FitOptions(steps=0), log)
+        compiled = None if a.no_compile else compile_suite(s, log)
     if a.dump:
         dump(results, s, Path(a.dump))
     cpu_body = report(results, rows, s, env, gpu=False, wall=time.perf_counter() - t_start)
+    if compiled is not None:
+        cpu_body += "\n" + "\n".join(compile_section(*compiled)) + "\n"
     out = Path(a.out) if a.out else (None if s.quick else RESULTS)
     print(cpu_body)
     if torch.cuda.is_available():
