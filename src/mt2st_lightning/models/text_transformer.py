@@ -1,0 +1,116 @@
+"""``TextTransformerModel``: the paper's transformer setting on sentences. A small Transformer encoder (token
+and position embeddings, pre-norm layers) is shared; sentiment and the sentence's source ``domain`` are read
+from its mean-pooled output, and ``mlm`` predicts masked tokens of sentences from a stream of their own.
+
+The primary batch and the masked batch run through the encoder together, as one batch: its output ``h`` is the
+shared representation every task reads, handed to ``mt2st_loss`` for the policies to measure on. After the
+switch the masked stream is no longer loaded and the encoder runs on the primary batch alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mt2st_lightning.models.text_tasks import TextTaskModel, load_embedding
+
+__all__ = ["TextTransformerModel"]
+
+SUPPORTED = ("sentiment", "domain", "mlm")
+MASK_ID = 2  # data.text.SPECIALS: <pad>, <unk>, <mask>
+
+
+class TextTransformerModel(TextTaskModel):
+    """Args: ``tasks``, ``primary``, ``vocab_size``/``max_len``/``embedding_init`` (the data module's
+    ``model_inputs``), ``d_model``, ``nhead``, ``num_layers``, ``dim_feedforward``, ``dropout``, ``mask_rate``
+    (share of a sentence's tokens the masked-LM task hides: 80% become ``<mask>``, 10% a random word, 10% stay)."""
+
+    def __init__(
+        self,
+        tasks: Mapping[str, Mapping[str, Any]],
+        primary: str = "sentiment",
+        vocab_size: int = 0,
+        max_len: int = 48,
+        embedding_init: str | None = None,
+        d_model: int = 64,
+        nhead: int = 4,
+        num_layers: int = 2,
+        dim_feedforward: int = 128,
+        dropout: float = 0.1,
+        mask_rate: float = 0.15,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+    ) -> None:
+        super().__init__(tasks, primary, lr, weight_decay)
+        self.save_hyperparameters()
+        unknown = [t for t in tasks if t not in SUPPORTED]
+        if unknown:
+            raise ValueError(f"TextTransformerModel has heads for {SUPPORTED}, not {unknown}; set data.aux_tasks")
+        if vocab_size < 4:
+            raise ValueError(f"vocab_size must come from the data module (its model_inputs), got {vocab_size}")
+        if not 0 < mask_rate < 1:
+            raise ValueError(f"mask_rate must be in (0, 1), got {mask_rate}")
+        self.embedding = load_embedding(vocab_size, d_model, embedding_init)
+        self.position = nn.Parameter(torch.zeros(1, max_len, d_model))
+        nn.init.normal_(self.position, std=0.02)
+        layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        heads = {primary: nn.Linear(d_model, int(tasks[primary]["out_features"]))}
+        if "domain" in tasks:
+            heads["domain"] = nn.Linear(d_model, int(tasks["domain"]["out_features"]))
+        if "mlm" in tasks:
+            heads["mlm"] = nn.Linear(d_model, vocab_size)
+        self.heads = nn.ModuleDict(heads)
+        self.declare_tasks(primary=primary, heads=self.heads)
+
+    def encode(self, tokens: Tensor) -> Tensor:
+        t = tokens.shape[1]
+        x = self.embedding(tokens) + self.position[:, :t]
+        return self.norm(self.encoder(x, src_key_padding_mask=tokens == 0))
+
+    @staticmethod
+    def pool(h: Tensor, tokens: Tensor) -> Tensor:
+        real = (tokens != 0).unsqueeze(-1).to(h.dtype)
+        return (h * real).sum(1) / real.sum(1).clamp_min(1.0)
+
+    def primary_logits(self, tokens: Tensor) -> Tensor:
+        return self.heads[self.primary_task](self.pool(self.encode(tokens), tokens))
+
+    def mask_tokens(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """``(masked tokens, positions chosen)``; at least one position per batch is chosen."""
+        real = tokens > MASK_ID
+        chosen = real & (torch.rand(tokens.shape, device=tokens.device) < self.hparams.mask_rate)
+        if not chosen.any():
+            chosen = real & (real.cumsum(1) == 1) & (torch.arange(len(tokens), device=tokens.device) == 0).unsqueeze(1)
+        draw = torch.rand(tokens.shape, device=tokens.device)
+        masked = torch.where(chosen & (draw < 0.8), torch.full_like(tokens, MASK_ID), tokens)
+        random_words = torch.randint(MASK_ID + 1, self.embedding.num_embeddings, tokens.shape, device=tokens.device)
+        masked = torch.where(chosen & (draw >= 0.8) & (draw < 0.9), random_words, masked)
+        return masked, chosen
+
+    def training_losses(self, batch: Mapping[str, Any]) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        primary = batch["primary"]
+        tokens = primary["tokens"]
+        active = self.active_tasks
+        inputs = tokens
+        if "mlm" in active:
+            sentences = self.stream_batch(batch, "sentences", "mlm")["tokens"]
+            masked, chosen = self.mask_tokens(sentences)
+            width = max(tokens.shape[1], masked.shape[1])
+            inputs = torch.cat([F.pad(tokens, (0, width - tokens.shape[1])), F.pad(masked, (0, width - masked.shape[1]))])
+        features = self.encode(inputs)  # the shared representation of every task's input
+        h = features[: len(tokens), : tokens.shape[1]]
+        pooled = self.pool(h, tokens)
+        logits = self.heads[self.primary_task](pooled)
+        losses = {self.primary_task: F.cross_entropy(logits.float(), primary[self.primary_task])}
+        if "domain" in active:
+            losses["domain"] = F.cross_entropy(self.heads["domain"](pooled).float(), primary["domain"])
+        if "mlm" in active:
+            hidden = features[len(tokens) :, : masked.shape[1]][chosen]
+            losses["mlm"] = F.cross_entropy(self.heads["mlm"](hidden).float(), sentences[chosen])
+        return losses, features, logits

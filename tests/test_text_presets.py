@@ -1,0 +1,41 @@
+"""experiment=paper_embeddings and experiment=paper_transformer: one batch (trainer.fast_dev_run) each, from a
+fresh output folder, with the setting's adaptive row kept on (switch_at=null), so that every auxiliary stream
+and the measuring step run through the app. Skipped when the data is not installed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from mt2st_lightning.data.text import data_dir
+from mt2st_lightning.train import CONFIG_DIR, train
+
+SENTENCES = data_dir() / "hutto_ICWSM_2014" / "tweets_GroundTruth.txt"
+INSTALL = "bash experiments/setup_data.sh"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SENTENCES.is_file(), reason=f"the rated sentences are not installed ({SENTENCES}): {INSTALL}")
+@pytest.mark.parametrize(
+    ("preset", "adaptive", "aux"),
+    [("paper_embeddings", "gradnorm", ["similarity", "analogy"]), ("paper_transformer", "fisher", ["domain", "mlm"])],
+)
+def test_preset_runs_one_batch_from_a_fresh_folder(tmp_path, preset, adaptive, aux):
+    pytest.importorskip("gensim", reason=f"needs gensim: {INSTALL}")
+    out = tmp_path / "run"
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            f"experiment={preset}", f"strategy={adaptive}", "strategy.switch_at=null", "trainer.fast_dev_run=true",
+            f"paths.output_dir={out}", "progress=none",
+        ])
+    summary = train(cfg)
+    assert summary["strategy"] == adaptive and summary["auxiliary_tasks"] == aux
+    assert summary["total_steps"] == 1 and summary["train_flops"] > 0
+    (phase,) = summary["phases"]
+    assert phase.startswith("+".join(["sentiment", *aux]))
+    assert 0 <= summary["test_primary_metric"] <= 1
+    if preset == "paper_embeddings":
+        assert {"test/aux/similarity_spearman", "test/aux/analogy_acc"} <= set(summary["test_metrics"])
+    assert json.loads((out / "run_summary.json").read_text())["strategy"] == adaptive
