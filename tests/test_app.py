@@ -116,8 +116,9 @@ def test_the_mt2st_callback_comes_first_and_the_meter_second(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("name", options("model"))
-def test_every_model_builds_for_the_digits_tasks(name, digits_tasks):
+@pytest.mark.parametrize("name", [m for m in options("model") if m.startswith("digits_")])
+def test_every_digits_model_builds_for_the_digits_tasks(name, digits_tasks):
+    # (The other models, for text, vision and diffusion data, are built by their own tests.)
     cfg = compose_train(f"model={name}")
     model = hydra.utils.instantiate(cfg.model, tasks=digits_tasks, _convert_="all")
     assert isinstance(model, MultiTaskModel)
@@ -131,8 +132,9 @@ def test_every_data_option_instantiates(name):
     cfg = compose_train(f"data={name}")
     datamodule = hydra.utils.instantiate(cfg.data)
     assert isinstance(datamodule, L.LightningDataModule)
-    assert datamodule.label_task == cfg.model.primary  # the model's primary task follows the data
-    assert list(datamodule.aux_tasks) == AUX
+    if name in ("digits", "fashion_mnist"):  # the app's own data; the other modules have their own tests
+        assert datamodule.label_task == cfg.model.primary  # the model's primary task follows the data
+        assert list(datamodule.aux_tasks) == AUX
 
 
 @pytest.mark.parametrize("name", options("trainer"))
