@@ -121,3 +121,27 @@ def test_switch_stops_the_stream_in_a_fit(tmp_path):
     assert 6 <= data.stream.batches_loaded <= 8
     assert data.stream.skipped == 20 - data.stream.batches_loaded
     assert trainer.callback_metrics["stream/aux_stream/batches"] == data.stream.batches_loaded
+
+
+@pytest.mark.slow
+def test_ddp_ranks_share_each_pass_and_stop_at_the_same_step(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(root / "tests" / "scripts" / "ddp_streams.py"), str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["steps"] == 16 and rank["drop_times"] == {"aux": 5}  # 64 samples / 2 ranks / 4 per batch x 2 epochs
+        assert rank["batches_loaded"] + rank["skipped"] == 16 and rank["batches_loaded"] <= 5 + 2
+        assert all(step < 5 for step, _ in rank["loaded"][:5])
+    # The two ranks' first batches (a pass: 12 samples / 2 ranks / 3 per batch = 2 batches each) split the dataset.
+    first_pass = [sorted(sum((ids for _, ids in rank["loaded"][:2]), [])) for rank in ranks]
+    assert sorted(first_pass[0] + first_pass[1]) == list(range(12))
+    assert ranks[0]["params"] == ranks[1]["params"]
