@@ -6,7 +6,7 @@
     pip install "mt2st-lightning[cli]"
     python examples/lightning_cli/train.py fit --config examples/lightning_cli/config.yaml
     python examples/lightning_cli/train.py fit --config examples/lightning_cli/config.yaml --trainer.max_steps=300
-    python examples/lightning_cli/train.py fit --print_config        # every key, with its default
+    python examples/lightning_cli/train.py fit --config examples/lightning_cli/config.yaml --print_config  # every key
 
 The data module decides which tasks exist; the model is built for them (``link_arguments``), exactly as the
 Hydra app ``mt2st-train`` does. Any ``ImageTasksDataModule`` works as ``data.class_path``.
