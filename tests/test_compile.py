@@ -17,12 +17,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from tests.conftest import toy_loader, toy_model, toy_trainer
 from torch._dynamo.utils import counters, guard_failures
 
 import mt2st_lightning
 from mt2st_lightning import MT2STCallback
-
-from tests.conftest import toy_loader, toy_model, toy_trainer
 
 SWITCH_AT = 5  # of 12 optimizer steps (2 epochs x 6 batches)
 PACKAGE = str(Path(mt2st_lightning.__file__).parent)
@@ -104,4 +103,4 @@ def test_compiled_module_trains_across_the_switch_like_eager(tmp_path, fresh_dyn
     assert set(ours) == {SWITCH_AT} and 1 <= ours[SWITCH_AT] <= 4, ours
     # Compiled training is the same training: the parameters agree with the eager run's.
     for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")

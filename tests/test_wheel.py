@@ -19,7 +19,9 @@ def _run(*cmd: str | Path, cwd: Path, timeout: float = 300) -> subprocess.Comple
     # Nothing may point back into the checkout: no PYTHONPATH, and a working directory outside it.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [str(c) for c in cmd], check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     return result
 

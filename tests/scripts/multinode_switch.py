@@ -14,8 +14,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from mt2st_lightning import MT2STCallback  # noqa: E402
-from tests.conftest import toy_loader, toy_model  # noqa: E402
+from tests.conftest import toy_loader, toy_model
+
+from mt2st_lightning import MT2STCallback
 
 
 class DropWatch(pl.Callback):
