@@ -93,3 +93,19 @@ def test_fit_through_a_switch_reports_the_embedding_metrics(tmp_path):
     result = {k: v for per_loader in trainer.test(model, datamodule=dm, verbose=False) for k, v in per_loader.items()}
     assert {"test/primary_metric", "test/aux/similarity_spearman", "test/aux/analogy_acc"} <= set(result)
     assert -1 <= result["test/aux/similarity_spearman"] <= 1
+
+
+@pytest.mark.parametrize("kind", ["bilstm", "transformer"])
+def test_task_gradients_on_the_features_can_be_compared(tmp_path, kind):
+    """The features are the embedding table: every auxiliary task's gradient there overlaps the primary's (a
+    nonzero cosine), which the conflict strategy needs; per-position features would give exactly 0 for the
+    stream-fed tasks."""
+    aux = ("similarity", "analogy") if kind == "bilstm" else ("domain", "mlm")
+    dm = make(write_slice(tmp_path / "d"), aux_tasks=aux)
+    cls = EmbeddingBiLSTMModel if kind == "bilstm" else TextTransformerModel
+    model = cls(tasks=dm.task_specs, **dm.model_inputs, **({"embedding_dim": 16, "hidden": 8} if kind == "bilstm" else {"d_model": 16}))
+    losses, features, _ = model.training_losses(_batch(dm))
+    assert features is model.embedding.weight
+    grads = {t: torch.autograd.grad(loss, features, retain_graph=True)[0].flatten() for t, loss in losses.items()}
+    for task in aux:
+        assert torch.nn.functional.cosine_similarity(grads["sentiment"], grads[task], dim=0).abs() > 1e-4, task

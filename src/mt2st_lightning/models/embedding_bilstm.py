@@ -7,7 +7,9 @@ part; sentiment is read by a BiLSTM over it, and the auxiliary tasks act on the 
   (the head is a projection of the embedding space, initialised to the identity, and a temperature).
 
 The features handed to ``mt2st_loss`` (where the adaptive and ``conflict`` strategies measure) are the
-embedding rows this step looked up, for every task at once: the only representation all tasks share.
+embedding table itself: the only representation all tasks share. Its gradient sums each task's pull on every
+word's vector, so two tasks' gradients can be compared where they touch the same words (the rows a step looked
+up are different positions for each task, and their gradients would never overlap).
 """
 
 from __future__ import annotations
@@ -115,9 +117,8 @@ class EmbeddingBiLSTMModel(TextTaskModel):
         if "analogy" in active:
             questions = self.stream_batch(batch, "analogies", "analogy")
             groups.update({f"q_{k}": questions[k] for k in "abcd"})
-        # One lookup for every task: these rows are the shared features.
-        features = self.embedding(torch.cat(list(groups.values())))
-        rows = dict(zip(groups, features.split([g.numel() for g in groups.values()])))
+        looked_up = self.embedding(torch.cat(list(groups.values())))  # one lookup for every task
+        rows = dict(zip(groups, looked_up.split([g.numel() for g in groups.values()])))
         logits = self.heads[self.primary_task](rows["tokens"].view(*tokens.shape, -1), tokens != 0)
         losses = {self.primary_task: F.cross_entropy(logits.float(), primary[self.primary_task])}
         if "similarity" in active:
@@ -126,4 +127,4 @@ class EmbeddingBiLSTMModel(TextTaskModel):
         if "analogy" in active:
             scores = self.heads["analogy"](*(rows[f"q_{k}"] for k in "abcd"))
             losses["analogy"] = F.cross_entropy(scores.float(), torch.arange(scores.shape[0], device=scores.device))
-        return losses, features, logits
+        return losses, self.embedding.weight, logits

@@ -2,9 +2,14 @@
 and position embeddings, pre-norm layers) is shared; sentiment and the sentence's source ``domain`` are read
 from its mean-pooled output, and ``mlm`` predicts masked tokens of sentences from a stream of their own.
 
-The primary batch and the masked batch run through the encoder together, as one batch: its output ``h`` is the
-shared representation every task reads, handed to ``mt2st_loss`` for the policies to measure on. After the
-switch the masked stream is no longer loaded and the encoder runs on the primary batch alone.
+The primary batch and the masked batch run through the encoder together, as one batch. After the switch the
+masked stream is no longer loaded and the encoder runs on the primary batch alone.
+
+The features handed to ``mt2st_loss`` (where the adaptive and ``conflict`` strategies measure) are the token
+embedding table, which every task reaches through the whole encoder. The encoder's output would not do: the
+masked-LM loss depends only on the masked batch's rows and the primary loss only on the primary batch's, so
+their gradients there never overlap and their cosine is always 0. Measuring on the table costs one backward
+through the encoder per task on a measuring step.
 """
 
 from __future__ import annotations
@@ -103,14 +108,14 @@ class TextTransformerModel(TextTaskModel):
             masked, chosen = self.mask_tokens(sentences)
             width = max(tokens.shape[1], masked.shape[1])
             inputs = torch.cat([F.pad(tokens, (0, width - tokens.shape[1])), F.pad(masked, (0, width - masked.shape[1]))])
-        features = self.encode(inputs)  # the shared representation of every task's input
-        h = features[: len(tokens), : tokens.shape[1]]
+        encoded = self.encode(inputs)
+        h = encoded[: len(tokens), : tokens.shape[1]]
         pooled = self.pool(h, tokens)
         logits = self.heads[self.primary_task](pooled)
         losses = {self.primary_task: F.cross_entropy(logits.float(), primary[self.primary_task])}
         if "domain" in active:
             losses["domain"] = F.cross_entropy(self.heads["domain"](pooled).float(), primary["domain"])
         if "mlm" in active:
-            hidden = features[len(tokens) :, : masked.shape[1]][chosen]
+            hidden = encoded[len(tokens) :, : masked.shape[1]][chosen]
             losses["mlm"] = F.cross_entropy(self.heads["mlm"](hidden).float(), sentences[chosen])
-        return losses, features, logits
+        return losses, self.embedding.weight, logits
