@@ -147,7 +147,11 @@ CASES: dict[str, list[tuple[str, Any]]] = {
     ],
     "prune_below": [("{strategy: diminish, prune_below: 0.05}", 0.05)],
     "unit": [("{strategy: switch, switch_at: 2, unit: epoch}", "epoch")],
-    "budget": [("{strategy: gradnorm, budget: null}", None), ("{strategy: fisher, budget: 2.0}", 2.0)],
+    "budget": [
+        ("{strategy: gradnorm, budget: raw}", "raw"),
+        ("{strategy: fisher, budget: 2.0}", 2.0),
+        ("{strategy: noise, budget: 2}", 2),
+    ],
     "adapt_every": [("{strategy: noise, adapt_every: 5}", 5)],
     "adapt_decay": [("{strategy: noise, adapt_decay: 0.5}", 0.5)],
     "measure_on": [("{strategy: gradnorm, measure_on: parameters}", "parameters")],
