@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any, Union
 
 import lightning.pytorch as pl
@@ -136,6 +135,7 @@ class MT2STCallback(Callback):
         self.measuring = False  # this step is one the policy observes (the cost meter reads it)
         self._time: int | None = None
         self._step: int | None = None
+        self._multi_task = True  # any auxiliary task still active (read on every step: kept as a flag)
         self._restored_state: Mapping[str, Any] | None = None
         self._reducer: StrategyReducer | None = None
         self._warned_no_record = False
@@ -179,6 +179,8 @@ class MT2STCallback(Callback):
             self.policy.load_state_dict(self._restored_state.get("policy", {}))
         self._time = self._step = None
         self.measuring = False
+        self._multi_task = len(module.active_tasks) > 1
+        self.guard.read_every(trainer.log_every_n_steps, trainer.accumulate_grad_batches)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Here, not in on_fit_start: a resumed run's step counter is restored in between.
@@ -231,13 +233,11 @@ class MT2STCallback(Callback):
         t = step if self.unit == "step" else trainer.current_epoch
         if t != self._time:
             self._time = t
-            if len(module.active_tasks) > 1:  # single-task from here on: nothing left to ask, nothing to pay
+            if self._multi_task:  # single-task from here on: nothing left to ask, nothing to pay
                 self._ask_policy(trainer, module, t)
-        if heads.is_logging_step(trainer):
-            self.guard.check(trainer, t)
-            if self.log_weights and trainer.loggers:
-                self._log({names.weight(task): module.task_weights.get(task, 0.0) for task in module.auxiliary_tasks}
-                          | {names.ACTIVE_TASKS: float(len(module.active_tasks))}, trainer)
+        if self.log_weights and trainer.loggers and heads.is_logging_step(trainer):
+            self._log({names.weight(task): module.task_weights.get(task, 0.0) for task in module.auxiliary_tasks}
+                      | {names.ACTIVE_TASKS: float(len(module.active_tasks))}, trainer)
 
     def _ask_policy(self, trainer: pl.Trainer, module: MT2STMixin, t: int) -> None:
         aux = module.active_tasks[1:]
@@ -245,6 +245,7 @@ class MT2STCallback(Callback):
         if finished:
             self._drop(trainer, module, [task for task in aux if task in finished], t)
             aux = module.active_tasks[1:]
+            self._multi_task = bool(aux)
         self.measuring = False
         if aux:
             weights = self.policy.weights(t, aux)
@@ -300,6 +301,8 @@ class MT2STCallback(Callback):
             )
 
     def _observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: StepRecord, loss: Tensor) -> None:
+        if not self.guard.all_finite(trainer):
+            return  # a step the guard skips is never observed ("raise" raises here)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         if not _backpropagates(loss, record.total, scale, pl_module.automatic_optimization and trainer.accumulate_grad_batches):
@@ -308,11 +311,9 @@ class MT2STCallback(Callback):
                 "backpropagates is not the total mt2st_loss returned: return self.mt2st_loss(losses) unchanged "
                 "from training_step (put any extra loss term into `losses` as a task of its own)"
             )
-        if not self.guard.all_finite(trainer):
-            return  # a step the guard skips is never observed
         if scale != 1.0:
             # Under fp16 the policy scales the losses as the training backward does, and divides the scale out.
-            record = replace(record, loss_scale=scale)
+            record = record._replace(loss_scale=scale)
         assert self._reducer is not None and self._time is not None
         self.policy.observe_step(self._time, record, self._reducer)
 
@@ -376,4 +377,4 @@ def _backpropagates(loss: Tensor, total: Tensor, scale: float, accumulate: int) 
         frontier = [f for fn in frontier if fn is not None for f, _ in fn.next_functions]
         derived |= target is not None and any(f is target for f in frontier)
     expected = total.detach().float() * (scale / max(int(accumulate), 1))
-    return derived and bool(torch.allclose(loss.detach().float(), expected, rtol=1e-4, atol=0.0))
+    return derived and bool(torch.allclose(loss.detach().float(), expected, rtol=1e-4, atol=0.0, equal_nan=True))

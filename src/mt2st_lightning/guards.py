@@ -4,8 +4,8 @@ Reading a GPU tensor's value on the host (``.item()``, ``bool(t)``) waits for th
 the CPU from queueing the next step ahead. So the guard keeps what it needs on the device and reads it rarely:
 
 - ``"raise"`` (default): each micro-batch's task losses are kept, detached, in a short list (no kernel, no
-  copy). The guard reads them, in one ``.item()``, at every logging step (``Trainer(log_every_n_steps=...)``),
-  after at most :data:`CHECK_EVERY` micro-batches, at the end of each training epoch, before every checkpoint
+  copy). The guard reads them, in one ``.item()``, every ``Trainer(log_every_n_steps=...)`` optimizer steps
+  (at most :data:`CHECK_EVERY` micro-batches apart), at the end of each training epoch, before every checkpoint
   is written and before a policy observes a step. A non-finite loss therefore stops training up to that many
   steps *after* it happened (never after a checkpoint of the damage was saved); the error names the task and
   the step at which it happened, and the step at which it was found. Under DDP the ranks agree through one
@@ -51,15 +51,19 @@ class NonFiniteGuard:
             raise ValueError(f"on_nonfinite must be 'raise', 'skip' or 'off', got {mode!r}")
         self.mode = mode
         self.unit = unit
+        self.active = mode != "off"
+        #: "raise" reads after this many micro-batches (see :meth:`read_every`).
+        self.capacity = CHECK_EVERY
         # "raise": (time, task names, detached losses) per micro-batch since the last read.
         self._pending: list[tuple[int, tuple[str, ...], tuple[Tensor, ...]]] = []
         # "skip": the device flag of the current optimizer step, and the decision once it has been read.
         self._bad: Tensor | None = None
         self._decided: bool | None = None
 
-    @property
-    def active(self) -> bool:
-        return self.mode != "off"
+    def read_every(self, steps: int, micro_batches_per_step: int = 1) -> None:
+        """``"raise"``: read every ``steps`` optimizer steps of ``micro_batches_per_step`` micro-batches (``steps``
+        0: every :data:`CHECK_EVERY` micro-batches), never more than :data:`CHECK_EVERY` micro-batches apart."""
+        self.capacity = max(1, min(CHECK_EVERY, (steps or CHECK_EVERY) * max(1, micro_batches_per_step)))
 
     def reset(self) -> None:
         self._pending.clear()
@@ -69,8 +73,10 @@ class NonFiniteGuard:
     def record(self, trainer: pl.Trainer, t: int, losses: Mapping[str, Tensor], total: Tensor) -> None:
         """Keep this micro-batch's losses (``"raise"``) or fold them into the step's flag (``"skip"``); no sync."""
         if self.mode == "raise":
-            self._pending.append((t, tuple(losses), tuple(v.detach() for v in losses.values())))
-            if len(self._pending) >= CHECK_EVERY:
+            # Single-task (after the switch) the float32 total is the primary loss: one detach, no generator.
+            values = (total.detach(),) if len(losses) == 1 else tuple(v.detach() for v in losses.values())
+            self._pending.append((t, tuple(losses), values))
+            if len(self._pending) >= self.capacity:
                 self.check(trainer, t)
         elif self.mode == "skip":
             if self._decided is not None:  # the first micro-batch of a new optimizer step
@@ -102,8 +108,8 @@ class NonFiniteGuard:
                 break
         raise FloatingPointError(
             f"MT2ST: non-finite loss in {where}, found at {self.unit} {now}: the guard reads its flag on the "
-            "device only at logging steps (log_every_n_steps), every "
-            f"{CHECK_EVERY} micro-batches, at epoch ends and before checkpoints, so training went on until then. "
+            "device only every log_every_n_steps optimizer steps (at most "
+            f"{CHECK_EVERY} micro-batches apart), at epoch ends and before checkpoints, so training went on until then. "
             "Lower the learning rate or the auxiliary weights, or pass MT2STCallback(on_nonfinite='skip') to "
             "skip such steps."
         )
