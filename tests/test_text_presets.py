@@ -39,3 +39,17 @@ def test_preset_runs_one_batch_from_a_fresh_folder(tmp_path, preset, adaptive, a
     if preset == "paper_embeddings":
         assert {"test/aux/similarity_spearman", "test/aux/analogy_acc"} <= set(summary["test_metrics"])
     assert json.loads((out / "run_summary.json").read_text())["strategy"] == adaptive
+
+
+@pytest.mark.parametrize("preset", ["paper_embeddings", "paper_transformer", "paper_embeddings_gpu", "paper_transformer_gpu"])
+def test_presets_compose_with_their_sweep(preset):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={preset}"], return_hydra_config=True)
+    adaptive = "gradnorm" if "embeddings" in preset else "fisher"
+    assert cfg.hydra.sweeper.params.strategy == f"stl,mtl,diminish,switch,{adaptive},plateau,conflict"
+    assert cfg.hydra.sweeper.params.seed == "0,1,2"
+    assert cfg.data._target_ == "mt2st_lightning.data.text.SentimentTextDataModule"
+    if preset.endswith("_gpu"):
+        assert cfg.trainer.accelerator == "gpu" and cfg.data.limit is None
+    else:
+        assert cfg.data.limit == 4000 and cfg.trainer.max_epochs == 8

@@ -72,7 +72,8 @@ class AnalogyHead(nn.Module):
 
 class EmbeddingBiLSTMModel(TextTaskModel):
     """Args: ``tasks`` (from the data module), ``primary``, ``vocab_size``/``embedding_init`` (the data module's
-    ``model_inputs``), ``embedding_dim`` (the gensim vectors' size), ``hidden`` (LSTM units per direction)."""
+    ``model_inputs``; its ``max_len`` is accepted and not needed), ``embedding_dim`` (the gensim vectors' size),
+    ``hidden`` (LSTM units per direction)."""
 
     def __init__(
         self,
