@@ -379,3 +379,31 @@ def test_the_console_names_every_file_the_report_writes(sweep, capsys):
     for name in ("summary.md", "summary.csv", "curves_vs_step.png", "curves_vs_flops.png", "aux_weights.png"):
         assert f"  {sweep / name}\n" in out, name
 
+
+
+def test_the_weight_plot_says_where_its_weights_start_and_draws_runs_without_a_common_step(tmp_path):
+    from mt2st_lightning.report import weights_figure
+
+    # Seeds logged at different steps (no step in common): each panel still draws its runs, and says that its
+    # weights start at the first logged step.
+    write_run(tmp_path, "a", strategy="switch", seed=0, flops=1, val=[(9, 0.5, 1, 1)], weights={4: 1.0, 14: 0.0}, drop_times={"recon": 10})
+    write_run(tmp_path, "b", strategy="switch", seed=1, flops=1, val=[(9, 0.5, 1, 1)], weights={5: 1.0, 15: 0.0}, drop_times={"recon": 10})
+    fig = weights_figure(collect_runs(tmp_path))
+    (ax,) = [ax for ax in fig.axes if ax.get_visible()]
+    assert "weights logged from step 4" in ax.get_title() and "heads dropped at step 10" in ax.get_title()
+    assert "2 runs" in ax.get_title()
+    assert [list(line.get_xdata()) for line in ax.lines if len(set(line.get_xdata())) > 1] == [[4.0, 14.0]]  # not the drop line
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["weight of 'recon'", "auxiliary heads dropped"]
+    assert ax.get_xlabel() == "training step (optimizer steps)" and "unitless" in ax.get_ylabel()
+
+
+def test_the_curves_show_accuracy_in_percent_with_one_legend_and_the_drops(sweep):
+    report = write_report(sweep)
+    assert {p.name for p in report.plots} >= {"curves_vs_step.png", "curves_vs_flops.png"}
+    from mt2st_lightning.report import _drop_points, group_runs
+
+    groups = group_runs(collect_runs(sweep))
+    assert _drop_points(next(g for g in groups if g.label == "switch"), "step") == [30.0]
+    # FLOPs axis: the cumulative training FLOPs before the drop step, in GFLOP.
+    assert _drop_points(next(g for g in groups if g.label == "switch"), "flops") == [pytest.approx(6500 * 21 / 100 / 1e9)]

@@ -63,6 +63,7 @@ __all__ = [
     "plot_weights",
     "read_metrics",
     "summarize",
+    "weights_figure",
     "write_report",
 ]
 
@@ -617,7 +618,17 @@ def plot_curves(runs: Sequence[Run], out_dir: Path) -> list[Path]:
 
 def plot_weights(runs: Sequence[Run], out_dir: Path) -> Path | None:
     """The auxiliary weights ``mt2st/weight/<task>`` against steps, one panel per row (mean over seeds), with a
-    dotted line where heads were dropped."""
+    dotted line where heads were dropped: ``aux_weights.png``."""
+    fig = weights_figure(runs)
+    if fig is None:
+        return None
+    path = out_dir / "aux_weights.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def weights_figure(runs: Sequence[Run]) -> Any:
+    """The figure of :func:`plot_weights` (``None`` when no run logged weights)."""
     groups = group_runs(r for r in runs if any(k.startswith(WEIGHT_PREFIX) for row in r.metrics for k in row))
     if not groups:
         return None
@@ -661,9 +672,7 @@ def plot_weights(runs: Sequence[Run], out_dir: Path) -> Path | None:
         legend_handles.append(_drop_handle())
         labels.append("auxiliary heads dropped")
     _legend(fig, legend_handles, labels)
-    path = out_dir / "aux_weights.png"
-    fig.savefig(path, dpi=110)
-    return path
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------- the report
