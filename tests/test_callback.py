@@ -565,3 +565,18 @@ def test_the_callback_asks_for_weights_once_per_optimizer_step(tmp_path, recorde
     for r in recorder.rows:
         windows.setdefault(r["step"], set()).add(r["weights"]["recon"])
     assert windows == {0: {1.0}, 1: {0.5}}
+
+
+def test_constructor_type_hints_parse_with_jsonargparse():
+    # LightningCLI parses MT2STCallback's signature: an int switch point stays an int, "raw" reaches gradnorm,
+    # and a misspelled strategy reaches the library's own error (plain `str`, not a Literal).
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser()
+    parser.add_class_arguments(MT2STCallback, "cb")
+    assert parser.parse_args(["--cb.strategy=switch", "--cb.switch_at=5"]).cb.switch_at == 5
+    assert type(parser.parse_args(["--cb.strategy=switch", "--cb.switch_at=5"]).cb.switch_at) is int
+    assert parser.parse_args(["--cb.strategy=switch", "--cb.switch_at=0.3"]).cb.switch_at == 0.3
+    callback = parser.instantiate(parser.parse_args(["--cb.strategy=gradnorm", "--cb.budget=raw"])).cb
+    assert callback.policy.budget is None
+    with pytest.raises(ValueError, match="unknown MT2ST strategy 'swtich'"):
+        parser.instantiate(parser.parse_args(["--cb.strategy=swtich"]))
