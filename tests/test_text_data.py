@@ -146,3 +146,25 @@ def test_real_rated_sentences():
     total = sum(len(s) for s in dm.splits.values())
     assert 23_000 < total < 23_700  # 23,699 rated sentences, a few rated exactly 0 left out
     assert 500 < len(dm.pairs["train"]) and 1000 < len(dm.analogies["train"])
+
+
+def test_stream_counters_travel_in_the_data_module_state(tmp_path):
+    root = write_slice(tmp_path / "d")
+
+    class _Trainer:
+        world_size, global_rank, current_epoch = 1, 0, 0
+        lightning_module = type("M", (), {"active_tasks": ("sentiment", "similarity")})
+
+    dm = make(root, aux_tasks=("similarity",))
+    dm.setup("fit")
+    dm.trainer = _Trainer()
+    it = iter(dm.train_dataloader())
+    for _ in range(3):
+        next(it)
+    state = dm.state_dict()
+    assert state["stream_counters"]["pairs"]["batches_loaded"] == 3
+    resumed = make(root, aux_tasks=("similarity",))
+    resumed.load_state_dict(state)
+    resumed.setup("fit")
+    resumed.trainer = _Trainer()
+    assert resumed.train_dataloader().iterables["pairs"].batches_loaded == 3

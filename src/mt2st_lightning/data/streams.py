@@ -143,7 +143,9 @@ class AuxiliaryStream:
             "skipped": float(self.skipped),
         }
 
-    # Lightning collects state from stateful iterables in a CombinedLoader; the counters survive a resume.
+    # Lightning saves the state of a CombinedLoader's stateful iterables and hands it back when it resumes
+    # mid-epoch (not at an epoch boundary: a data module that wants the counters across that keeps them in its
+    # own state_dict, as SentimentTextDataModule does).
     def state_dict(self) -> dict[str, Any]:
         return {"batches_loaded": self.batches_loaded, "samples_loaded": self.samples_loaded,
                 "load_time_s": self.load_time_s, "skipped": self.skipped}

@@ -235,6 +235,8 @@ class SentimentTextDataModule(pl.LightningDataModule):
         self.pairs: dict[str, DictDataset] = {}  # "train" / "heldout"
         self.analogies: dict[str, DictDataset] = {}
         self._prepared = False
+        self._streams: dict[str, AuxiliaryStream] = {}
+        self._stream_counters: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ what the app reads
     @property
@@ -342,8 +344,19 @@ class SentimentTextDataModule(pl.LightningDataModule):
         streams = {}
         for task in self.aux_tasks:
             if task in STREAM_OF:
-                streams[STREAM_OF[task]] = self._stream(sources[STREAM_OF[task]], (task,))
+                stream = streams[STREAM_OF[task]] = self._stream(sources[STREAM_OF[task]], (task,))
+                if STREAM_OF[task] in self._stream_counters:  # a resumed run: what the streams had loaded so far
+                    stream.load_state_dict(self._stream_counters[STREAM_OF[task]])
+        self._streams = streams
         return combine_streams(primary, streams)
+
+    # The streams' cost counters in checkpoints, so that a resumed run reports its whole loading cost (Lightning
+    # restores a CombinedLoader's iterables itself only when it resumes mid-epoch).
+    def state_dict(self) -> dict[str, Any]:
+        return {"stream_counters": {name: stream.state_dict() for name, stream in self._streams.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._stream_counters = dict(state_dict.get("stream_counters", {}))
 
     def _eval(self, dataset: DictDataset) -> DataLoader:
         replicas, rank = self._replicas()
