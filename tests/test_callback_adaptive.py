@@ -148,3 +148,24 @@ def test_gradnorm_without_budget_keeps_the_raw_ratio_of_eq_13(tmp_path):
 def test_budget_none_is_for_gradnorm_only():
     with pytest.raises(ValueError, match="budget='raw' .* strategy='gradnorm' only, not 'fisher'"):
         MT2STCallback("fisher", budget="raw")
+
+
+class NaNParityAt2(type(toy_model())):
+    def task_loss(self, task, output, target):
+        loss = super().task_loss(task, output, target)
+        return loss * float("nan") if task == "parity" and self.trainer.global_step == 2 else loss
+
+
+def test_a_skipped_nan_step_does_not_poison_noise(tmp_path):
+    # Issue 10: under on_nonfinite="skip", a NaN on a noise measuring step turned its statistics into NaN for the
+    # rest of the run and locked the weights at equal shares.
+    pl.seed_everything(0)
+    from mt2st_lightning.models import MLPEncoder
+
+    model = NaNParityAt2(MLPEncoder(in_features=16, hidden=32, depth=2), TASKS, primary="label", head_hidden=8)
+    callback = MT2STCallback("noise", adapt_every=1, adapt_decay=0.5, on_nonfinite="skip")
+    toy_trainer(tmp_path, [callback], max_steps=10, max_epochs=None).fit(model, toy_loader())
+    stats = callback.state_dict()["policy"]["stats"]
+    assert stats and all(torch.isfinite(v).all() for v in stats.values())
+    weights = model.task_weights
+    assert abs(weights["recon"] - weights["parity"]) > 1e-3  # measured, not locked at equal shares
