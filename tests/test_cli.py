@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import importlib.util
 import inspect
+import os
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -66,7 +67,8 @@ def test_example_config_trains_through_the_switch(tmp_path):
         sys.executable, str(EXAMPLE / "train.py"), "fit", "--config", str(CONFIG), "--trainer.max_steps=80",
         f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
     ]
-    result = subprocess.run(cmd, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a small model: more threads only contend on a busy CPU
+    result = subprocess.run(cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "lightning_logs" / "version_0"
     saved = yaml.safe_load((run / "config.yaml").read_text())
