@@ -177,3 +177,9 @@ def test_a_resumed_fit_streams_what_the_uninterrupted_one_did(tmp_path):
     # Lightning hands a CombinedLoader's stateful iterables their state back only when it resumes mid-epoch: at an
     # epoch boundary the stream's own counters start again (SentimentTextDataModule keeps them in its state).
     assert stream.batches_loaded + stream.skipped == 10
+
+
+def test_one_seeds_passes_are_not_another_seeds():
+    seed1 = _take(_stream(n=12, batch_size=12, seed=1), 3)
+    seed2 = _take(_stream(n=12, batch_size=12, seed=2), 3)
+    assert not set(map(tuple, seed1)) & set(map(tuple, seed2))

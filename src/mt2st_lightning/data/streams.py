@@ -17,14 +17,15 @@ reads those counters from the trainer, for the module to log beside ``PhaseCostM
 is outside the meter's per-batch time (as the primary loader's is).
 
 Data order and DDP: each stream samples with torch's ``DistributedSampler`` over this process's share of the
-dataset (``num_replicas``/``rank`` from the trainer), and the k-th pass of training epoch ``e`` uses sampler
-epoch ``e * MAX_PASSES_PER_EPOCH + k``: the order is a function of ``(seed, epoch)``, on one process as on many,
+dataset (``num_replicas``/``rank`` from the trainer), and the k-th pass of training epoch ``e`` is shuffled with a
+seed drawn from ``(seed, e, k)``: the order is a function of ``(seed, epoch)``, on one process as on many,
 so a run resumed at an epoch boundary sees the batches the uninterrupted run saw. The drop decision is the same
 on every rank (the callback agrees on it), so all ranks stop loading at the same step.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
@@ -32,10 +33,16 @@ from typing import Any
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["MAX_PASSES_PER_EPOCH", "AuxiliaryStream", "combine_streams", "stream_costs"]
+__all__ = ["MAX_PASSES_PER_EPOCH", "AuxiliaryStream", "combine_streams", "pass_seed", "stream_costs"]
 
-#: A stream's sampler epochs per training epoch: more passes than this within one epoch would repeat an order.
+#: Passes over a stream's dataset within one training epoch, at most (a guard against a tiny stream dataset).
 MAX_PASSES_PER_EPOCH = 10_000
+
+
+def pass_seed(seed: int, epoch: int, index: int) -> int:
+    """The shuffling seed of pass ``index`` of training epoch ``epoch``: distinct for distinct triples (``seed + k``
+    would make seed 1's second pass seed 2's first)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{epoch}/{index}".encode()).digest()[:7], "little")
 
 
 class AuxiliaryStream:
@@ -80,7 +87,8 @@ class AuxiliaryStream:
         self.active_tasks = active_tasks
         self.epoch = epoch
         # Private names: Lightning calls `set_epoch` on the `sampler` of every loader in a CombinedLoader, and the
-        # stream numbers its passes itself.
+        # stream seeds its passes itself.
+        self._seed = seed
         self._sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self._loader = DataLoader(
             dataset, batch_size=batch_size, sampler=self._sampler, num_workers=num_workers,
@@ -126,7 +134,7 @@ class AuxiliaryStream:
                         f"an AuxiliaryStream cycled through its dataset {MAX_PASSES_PER_EPOCH} times in one epoch; "
                         "give the stream a larger batch or dataset, or the primary loader fewer batches per epoch"
                     )
-                self._sampler.set_epoch(self._epoch * MAX_PASSES_PER_EPOCH + self._pass)
+                self._sampler.seed = pass_seed(self._seed, self._epoch, self._pass)  # DistributedSampler's own seed
                 self._pass += 1
                 self._pass_iterator = iter(self._loader)
             try:
