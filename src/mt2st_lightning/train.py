@@ -324,6 +324,9 @@ def _test(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, datamod
     return {
         "test_primary_metric": results[0].get(TEST_PRIMARY_METRIC) if results else None,
         "test_samples": _metric(trainer, "test/samples"),
+        # Every test metric the model logs (e.g. an auxiliary metric: a Fréchet distance, a Spearman correlation).
+        # One dict per test dataloader (a text module also tests held-out word pairs and analogies): all of them.
+        "test_metrics": {k: float(v) for per_loader in results for k, v in per_loader.items()},
         "tested_checkpoint": _relative(Path(best), Path(cfg.paths.output_dir))
         if best
         else "in-memory weights",

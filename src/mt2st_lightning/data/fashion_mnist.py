@@ -11,7 +11,7 @@ from torch import Tensor
 
 from mt2st_lightning.data.image_tasks import ImageTasksDataModule
 
-__all__ = ["FashionMNISTDataModule"]
+__all__ = ["FashionMNISTDataModule", "read_fashion_mnist"]
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 _FILES = {
@@ -37,6 +37,15 @@ def _find(root: Path, stem: str) -> Path:
         f"Fashion-MNIST file {stem}[.gz] not found under {root}. Install the data with "
         "`sudo apt-get install dataset-fashion-mnist`, or pass root= pointing at the IDX files."
     )
+
+
+def read_fashion_mnist(root: str | Path = DEFAULT_ROOT, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """The official ``split`` (``"train"``: 60,000 images, ``"test"``: 10,000) as uint8 images (N, 28, 28) and
+    int64 labels (N,); a missing file is an error naming the install command."""
+    if split not in _FILES:
+        raise ValueError(f"split must be one of {list(_FILES)}, got {split!r}")
+    image_file, label_file = _FILES[split]
+    return _read_idx(_find(Path(root), image_file)), _read_idx(_find(Path(root), label_file)).astype(np.int64)
 
 
 class FashionMNISTDataModule(ImageTasksDataModule):

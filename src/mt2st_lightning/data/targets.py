@@ -20,7 +20,7 @@ def reconstruction(images: Tensor) -> Tensor:
 
 def edge_map(images: Tensor) -> Tensor:
     """Sobel gradient magnitude at every pixel, flattened."""
-    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=images.dtype)
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=images.dtype, device=images.device)
     kernels = torch.stack([kx, kx.T]).unsqueeze(1)
     g = F.conv2d(images, kernels, padding=1)
     return g.pow(2).sum(1).sqrt().flatten(1)
