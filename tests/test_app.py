@@ -41,7 +41,7 @@ def compose_train(*overrides: str, hydra_config: bool = False) -> DictConfig:
 
 
 def run_cli(
-    *args: str, cwd: Path, timeout: float = 120, module: str = "mt2st_lightning.train", warnings: bool = False
+    *args: str, cwd: Path, timeout: float = 300, module: str = "mt2st_lightning.train", warnings: bool = False
 ) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
     if not warnings:
