@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Union
 
 import lightning.pytorch as pl
@@ -313,7 +314,7 @@ class MT2STCallback(Callback):
             )
         if scale != 1.0:
             # Under fp16 the policy scales the losses as the training backward does, and divides the scale out.
-            record = record._replace(loss_scale=scale)
+            record = replace(record, loss_scale=scale)
         assert self._reducer is not None and self._time is not None
         self.policy.observe_step(self._time, record, self._reducer)
 

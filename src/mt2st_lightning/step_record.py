@@ -8,16 +8,18 @@ per-step data from the module to the callback.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 from torch import Tensor
 
 __all__ = ["StepRecord"]
 
 
-class StepRecord(NamedTuple):
-    """One micro-batch's per-task losses, attached to the autograd graph. Immutable (a ``NamedTuple``: built on
-    every training step, it must cost next to nothing); ``record._replace(loss_scale=...)`` makes a changed copy.
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One micro-batch's per-task losses, attached to the autograd graph. Immutable;
+    ``dataclasses.replace(record, loss_scale=...)`` makes a changed copy.
 
     Attributes:
         losses: the loss of every active task, primary first, exactly as given to ``mt2st_loss``.
