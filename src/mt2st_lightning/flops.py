@@ -17,7 +17,13 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.flop_counter import FlopCounterMode
 
 from mt2st_lightning.callback import MT2STCallback
-from mt2st_lightning.names import COST_FLOPS, COST_FLOPS_AT_VAL, COST_FLOPS_PER_BATCH, COST_TIME, COST_TIME_AT_VAL
+from mt2st_lightning.names import (
+    COST_FLOPS,
+    COST_FLOPS_AT_VAL,
+    COST_FLOPS_PER_BATCH,
+    COST_TIME,
+    COST_TIME_AT_VAL,
+)
 
 __all__ = ["PhaseCostMeter", "count_flops"]
 
