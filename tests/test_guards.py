@@ -118,3 +118,34 @@ def test_off_keeps_nothing(tmp_path):
 def test_bad_mode_is_refused():
     with pytest.raises(ValueError, match="on_nonfinite must be 'raise', 'skip' or 'off'"):
         NonFiniteGuard("ignore")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: checks real host-device synchronisations")
+@pytest.mark.parametrize("strategy", ["mtl", "switch"])
+def test_no_cuda_sync_in_the_callbacks_hooks_on_an_ordinary_step(tmp_path, strategy):
+    # PyTorch's own sync detector, switched on around MT2STCallback's per-step hooks and mt2st_loss only
+    # (Lightning's loop syncs on its own, e.g. for logging): any sync in them raises.
+    class Strict(MT2STCallback):
+        def _strict(self, hook, *args):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return hook(*args)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step not in (0, 4):  # not the first step, not the drop (it rebuilds, frees)
+                return self._strict(super().on_train_batch_start, trainer, pl_module, batch, batch_idx)
+            return super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            return self._strict(super().on_before_backward, trainer, pl_module, loss)
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            return self._strict(super().on_before_optimizer_step, trainer, pl_module, optimizer)
+
+    kwargs = {"switch_at": 4} if strategy == "switch" else {}
+    trainer = toy_trainer(tmp_path, [Strict(strategy, **kwargs)], accelerator="cuda", max_steps=10, max_epochs=None,
+                          log_every_n_steps=50)
+    trainer.fit(toy_model(), toy_loader())
+    assert trainer.global_step == 10
