@@ -147,8 +147,11 @@ def _fast_dev_run(tmp_path: Path, *overrides: str) -> dict:
 
 @pytest.mark.slow
 def test_paper_diffusion_runs_one_batch_from_a_fresh_folder(tmp_path):
-    summary = _fast_dev_run(tmp_path / "run", "experiment=paper_diffusion", "strategy=noise", "model.sample_count=20")
+    summary = _fast_dev_run(  # no Switch envelope: the auxiliary heads run in the one step
+        tmp_path / "run", "experiment=paper_diffusion", "strategy=noise", "strategy.switch_at=null", "model.sample_count=20"
+    )
     assert summary["total_steps"] == 1 and summary["auxiliary_tasks"] == ["recon", "class"]
+    assert summary["drop_times"] == {}
     metrics = summary["test_metrics"]
     assert summary["test_primary_metric"] == pytest.approx(-metrics["test/denoise_loss"])
     assert metrics["test/frechet_classifier_distance"] > 0

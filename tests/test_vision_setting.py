@@ -202,7 +202,9 @@ def _fast_dev_run(tmp_path: Path, *overrides: str) -> dict:
     "overrides",
     [
         ("experiment=paper_vision", "strategy=mtl"),
-        ("experiment=paper_vision_low_label", "strategy=gradnorm"),
+        # Without the Switch envelope (which would drop the heads at step 0 of 1), so the adaptive row measures
+        # and the auxiliary image stream is read.
+        ("experiment=paper_vision_low_label", "strategy=gradnorm", "strategy.switch_at=null"),
         # The GPU preset's model and data, on this machine's CPU, with a small batch.
         ("experiment=paper_vision_gpu", "strategy=conflict", "trainer.accelerator=cpu", "data.batch_size=8", "data.num_workers=0"),
     ],
