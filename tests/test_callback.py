@@ -427,8 +427,10 @@ def test_weights_are_logged_on_logging_steps_only(tmp_path):
     fit(tmp_path, MT2STCallback("diminish", eta=0.1), logger=logger, log_every_n_steps=4)
     rows = list(csv.DictReader(open(f"{logger.log_dir}/metrics.csv")))
     steps = sorted(int(r["step"]) for r in rows if r.get("mt2st/weight/recon"))
-    assert steps == [3, 7, 11]  # Lightning's logging steps: (step + 1) % log_every_n_steps == 0
+    # The run's first step, then Lightning's logging steps: (step + 1) % log_every_n_steps == 0
+    assert steps == [0, 3, 7, 11]
     weight_at = {int(r["step"]): float(r["mt2st/weight/recon"]) for r in rows if r.get("mt2st/weight/recon")}
+    assert weight_at[0] == 1.0  # gamma0: the curve starts where the run does
     assert weight_at[7] == pytest.approx(math.exp(-0.7))
 
 

@@ -236,7 +236,8 @@ class MT2STCallback(Callback):
             self._time = t
             if self._multi_task:  # single-task from here on: nothing left to ask, nothing to pay
                 self._ask_policy(trainer, module, t)
-        if self.log_weights and trainer.loggers and heads.is_logging_step(trainer):
+        # Logging steps only (as Lightning logs), and the run's first step, so a weight curve starts at step 0.
+        if self.log_weights and trainer.loggers and (heads.is_logging_step(trainer) or step == 0):
             self._log({names.weight(task): module.task_weights.get(task, 0.0) for task in module.auxiliary_tasks}
                       | {names.ACTIVE_TASKS: float(len(module.active_tasks))}, trainer)
 
