@@ -216,3 +216,22 @@ def test_vision_presets_run_one_batch_from_a_fresh_folder(tmp_path, overrides):
     assert summary["auxiliary_tasks"] == ["edges", "contrast"]
     assert 0 <= summary["test_primary_metric"] <= 1
     assert (tmp_path / "run" / "run_summary.json").is_file()
+
+
+def test_switch_point_ablation_composes_with_the_vision_presets():
+    """experiments/switch_point.py (STL and Switch at 10/30/50/70 %) is the vision setting's switch-point ablation."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("switch_point", Path(__file__).parents[1] / "experiments" / "switch_point.py")
+    switch_point = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(switch_point)
+    assert switch_point.FRACTIONS == (0.1, 0.3, 0.5, 0.7)
+    import hydra
+
+    for preset in ("paper_vision", "paper_vision_low_label"):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            for label, overrides in switch_point.variants():
+                cfg = compose("train", overrides=[f"experiment={preset}", *overrides, f"label={label}"])
+                callback = hydra.utils.instantiate(cfg.strategy)
+                assert callback.strategy == label.split("@")[0]
+                assert cfg.data.train_limit == 20000
