@@ -268,6 +268,19 @@ class _Empty(Callback):
     """A callback with no hook of its own (ablation)."""
 
 
+class _DropAt(Callback):
+    """Drops every auxiliary head at the start of optimizer step ``step``, as MT2STCallback's switch would, but
+    with the mixin alone: no optimizer state freed, no guard, no weight logging (ablation)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            for task in pl_module.auxiliary_tasks:
+                pl_module.drop_task(task)
+
+
 def _is_sync_warning(record: Any) -> bool:
     return "synchroniz" in str(record.message)
 
@@ -474,6 +487,8 @@ def _prepare(model: ModelSpec, variant: Variant, data: Data, opts: FitOptions, r
             module.drop_task(task)
     if variant.empty_callback:
         extra.append(_Empty())
+    if variant.drop_at is not None:
+        extra.append(_DropAt(variant.drop_at))
     trainer = make_trainer(opts, [probe.first, *early, *extra, probe.last], root)
     return _Fit(variant, module, trainer, probe, log, data.loader(opts.steps))
 

@@ -255,7 +255,7 @@ def flop_key(v: V.Variant) -> tuple:
     """Rows with equal keys do the same arithmetic: logging, the non-finite check and releasing the dropped heads'
     storage add none."""
     cb = {k: val for k, val in V.resolve_callback(v, 10**6).items() if k not in NO_ARITHMETIC}
-    return v.module, repr(sorted(cb.items())), v.with_callback, v.predrop
+    return v.module, repr(sorted(cb.items())), v.with_callback, v.predrop, v.drop_at
 
 
 # ============================================================================== statistics
@@ -669,7 +669,14 @@ def run_jobs(s: Settings, a: argparse.Namespace, log) -> tuple[list[ModelResult]
                         other.kill()
                     raise RuntimeError(f"part {part} failed (exit {proc.returncode}):\n{output[-4000:]}")
                 log(f"finished part {part}: " + " | ".join(ln.strip() for ln in output.splitlines() if ln.startswith("[")))
-        loaded = [pickle.loads(Path(f"{tmp}/{k}.pkl").read_bytes()) for k in range(len(parts))]
+        return load_parts([Path(f"{tmp}/{k}.pkl") for k in range(len(parts))], s.models)
+
+
+def load_parts(files: list[Path], models: list[str]) -> tuple[list[ModelResult], list[V.Variant], tuple | None]:
+    """Merge the results that ``--part`` processes saved."""
+    import pickle
+
+    loaded = [pickle.loads(f.read_bytes()) for f in files]
     merged: dict[str, ModelResult] = {}
     names: set[str] = set()
     compiled = None
@@ -689,7 +696,7 @@ def run_jobs(s: Settings, a: argparse.Namespace, log) -> tuple[list[ModelResult]
             else:
                 merged[res.model.name] = res
     rows = [v for v in V.VARIANTS if v.name in names]
-    return [merged[m] for m in s.models], rows, compiled
+    return [merged[m] for m in models if m in merged], rows, compiled
 
 
 #: The CPU compile section: MT2ST after the switch vs. the plain single-task model, both with the encoder compiled;

@@ -65,6 +65,8 @@ class Variant:
     models: the model sizes the row runs on (``None``: all of them).
     with_callback: ``False`` runs the ``"mt2st"`` module without ``MT2STCallback`` (an ablation row).
     predrop: drop every auxiliary head before the fit (``MT2STMixin.drop_task``), as the callback would.
+    drop_at: drop every auxiliary head at the start of this step with ``MT2STMixin.drop_task``, from a callback
+        of one hook (an ablation row: the mixin's post-switch step, with what the steps before the drop logged).
     empty_callback: add a callback that does nothing (an ablation row: what any callback costs in Lightning).
     gpu: whether the row is also run in the GPU (bf16-mixed + torch.compile) suite.
     mean_target: the target applies to the *mean* column (mean step / mean baseline step, measuring steps
@@ -83,6 +85,7 @@ class Variant:
     gpu: bool = True
     with_callback: bool = True
     predrop: bool = False
+    drop_at: int | None = None
     empty_callback: bool = False
     mean_target: bool = False
 
@@ -120,6 +123,10 @@ VARIANTS: list[Variant] = [
     Variant("ablation: MultiTaskModel, heads dropped before fit, no callback", "mt2st", "plain single-task",
             phase="post", section="post", with_callback=False, predrop=True, target=None, models=("mlp",),
             gpu=False, about="the mixin and MultiTaskModel's step, without the callback"),
+    Variant("ablation: MultiTaskModel, heads dropped at step 3 by a one-hook callback", "mt2st", "plain single-task",
+            phase="post", section="post", with_callback=False, drop_at=SWITCH_AT, target=None, models=("mlp",),
+            gpu=False, about="as the post-switch row, minus MT2STCallback: the mixin, and Lightning's logging of the "
+            "keys the first steps logged (the auxiliary losses) for the rest of the epoch"),
     # --- 2. before the switch vs. the hand-written multi-task step
     Variant("mtl", "mt2st", "plain multi-task", dict(strategy="mtl"), section="pre"),
     Variant("switch, pre-switch", "mt2st", "plain multi-task", dict(strategy="switch", switch_at="last"),
