@@ -18,8 +18,11 @@ DATA_DIR="${MT2ST_DATA_DIR:-$HOME/.cache/mt2st}"
 mkdir -p "$DATA_DIR"
 
 if [ -z "${SKIP_APT:-}" ]; then
-  SUDO=$([ "$(id -u)" -eq 0 ] && echo "" || echo sudo)
-  $SUDO apt-get install -y dataset-fashion-mnist
+  if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
+    SUDO=$([ "$(id -u)" -eq 0 ] && echo "" || echo sudo)
+    $SUDO apt-get update -qq  # a fresh machine has no package lists yet
+    $SUDO apt-get install -y -qq dataset-fashion-mnist
+  fi
 fi
 
 python -m pip install -e '.[text]'
