@@ -43,6 +43,20 @@ def toy_model(seed: int = 0, **kwargs: Any) -> MultiTaskModel:
     return MultiTaskModel(MLPEncoder(in_features=16, hidden=32, depth=2), TASKS, primary="label", **kwargs)
 
 
+def nan_model(nan_step: int = 2) -> MultiTaskModel:
+    """``toy_model`` whose ``parity`` loss is NaN at optimizer step ``nan_step``."""
+
+    class NaNAt(MultiTaskModel):
+        def task_loss(self, task, output, target):
+            loss = super().task_loss(task, output, target)
+            if task == "parity" and self.trainer.global_step == nan_step:
+                loss = loss * float("nan")
+            return loss
+
+    pl.seed_everything(0)
+    return NaNAt(MLPEncoder(in_features=16, hidden=32), TASKS, primary="label", head_hidden=8)
+
+
 def toy_trainer(tmp_path, callbacks: list, **kwargs: Any) -> pl.Trainer:
     defaults = dict(
         default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=2, logger=False,

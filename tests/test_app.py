@@ -417,6 +417,34 @@ def test_ddp_cpu_trains_across_a_switch_and_evaluates_every_sample_once(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("strategy", "overrides", "drop_at"),
+    [
+        # No plateau can show before the first validation (step 4), so max_step decides: step 3 on both ranks,
+        # after which the policy still observes the validation checks, reduced across the ranks.
+        ("plateau", ["strategy.max_step=3"], 3),
+        # Every cosine is below 1: each task is dropped after its first measurement (step 0), at step 1.
+        ("conflict", ["strategy.threshold=1.0", "strategy.window=1", "strategy.adapt_every=1"], 1),
+    ],
+)
+def test_data_driven_switches_run_from_the_app_under_plain_ddp(tmp_path, strategy, overrides, drop_at):
+    result = run_cli(
+        "experiment=smoke",
+        "trainer=ddp_cpu",
+        "trainer.max_steps=6",
+        f"strategy={strategy}",
+        *overrides,
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["total_steps"] == 6
+    assert summary["drop_times"] == {task: drop_at for task in AUX}
+
+
+@pytest.mark.slow
 def test_ddp_inside_a_multirun_is_refused(tmp_path):
     result = run_cli(
         "--multirun",

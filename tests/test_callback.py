@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mt2st_lightning import Diminish, MT2STCallback, Switch
-from tests.conftest import StepRecorder, toy_loader, toy_model, toy_trainer
+from tests.conftest import StepRecorder, nan_model, toy_loader, toy_model, toy_trainer
 
 AUX = ("recon", "parity")
 
@@ -221,29 +221,9 @@ def test_several_optimizers_need_epoch_unit(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- non-finite losses
-class NaNAfter(type(toy_model())):
-    """Makes the `parity` loss NaN at one step."""
-
-    nan_step = 2
-
-    def task_loss(self, task, output, target):
-        loss = super().task_loss(task, output, target)
-        if task == "parity" and self.trainer.global_step == self.nan_step:
-            loss = loss * float("nan")
-        return loss
-
-
-def _nan_model():
-    pl.seed_everything(0)
-    from mt2st_lightning.models import MLPEncoder
-    from tests.conftest import TASKS
-
-    return NaNAfter(MLPEncoder(in_features=16, hidden=32), TASKS, primary="label", head_hidden=8)
-
-
 def test_nonfinite_aux_loss_raises_naming_the_task(tmp_path):
     with pytest.raises(FloatingPointError, match=r"non-finite loss in task\(s\) \['parity'\] at step 2"):
-        fit(tmp_path, MT2STCallback("mtl"), model=_nan_model())
+        fit(tmp_path, MT2STCallback("mtl"), model=nan_model())
 
 
 @pytest.mark.parametrize("precision", ["32-true", "16-mixed+scaler"])
@@ -266,7 +246,7 @@ def test_nonfinite_aux_loss_skip_leaves_parameters_unchanged(tmp_path, precision
             if trainer.global_step == 2:
                 assert all(p.grad is None for p in pl_module.parameters())
 
-    model = _nan_model()
+    model = nan_model()
     trainer = toy_trainer(tmp_path, [MT2STCallback("mtl", on_nonfinite="skip"), Watch()], max_epochs=1,
                           **_precision(precision))
     trainer.fit(model, toy_loader())
@@ -536,7 +516,7 @@ def test_a_user_policy_takes_no_strategy_parameters():
 @pytest.mark.parametrize("mode", ["skip", "raise"])
 def test_a_nonfinite_step_is_never_observed(tmp_path, mode):
     spy = Spy()
-    model = _nan_model()  # parity is NaN at step 2
+    model = nan_model()  # parity is NaN at step 2
     if mode == "raise":
         with pytest.raises(FloatingPointError, match=r"task\(s\) \['parity'\] at step 2, found at step 2"):
             fit(tmp_path, MT2STCallback(policy=spy, on_nonfinite=mode), model=model, max_epochs=1)

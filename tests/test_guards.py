@@ -6,14 +6,13 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mt2st_lightning import MT2STCallback
 from mt2st_lightning.guards import NonFiniteGuard
-from tests.conftest import TASKS, toy_loader, toy_model, toy_trainer
+from tests.conftest import nan_model, toy_loader, toy_model, toy_trainer
 
 _spec = importlib.util.spec_from_file_location("sync_probe", Path(__file__).resolve().parents[1] / "benchmarks" / "sync_probe.py")
 sync_probe = sys.modules.setdefault("sync_probe", importlib.util.module_from_spec(_spec))
@@ -63,27 +62,10 @@ def test_the_probe_counts_a_sync_in_library_code():
 
 
 # ---------------------------------------------------------------------------------------- "raise": late, named, before checkpoints
-class NaNAt(type(toy_model())):
-    nan_step = 2
-
-    def task_loss(self, task, output, target):
-        loss = super().task_loss(task, output, target)
-        if task == "parity" and self.trainer.global_step == self.nan_step:
-            loss = loss * float("nan")
-        return loss
-
-
-def _nan_model():
-    pl.seed_everything(0)
-    from mt2st_lightning.models import MLPEncoder
-
-    return NaNAt(MLPEncoder(in_features=16, hidden=32), TASKS, primary="label", head_hidden=8)
-
-
 def test_raise_names_the_task_and_the_step_range(tmp_path):
     trainer = toy_trainer(tmp_path, [MT2STCallback("mtl")], max_epochs=3, log_every_n_steps=5)
     with pytest.raises(FloatingPointError) as error:
-        trainer.fit(_nan_model(), toy_loader())
+        trainer.fit(nan_model(), toy_loader())
     message = str(error.value)
     # The NaN happened at step 2; the guard read its flag at the next logging step, 4 ((4 + 1) % 5 == 0).
     assert "non-finite loss in task(s) ['parity'] at step 2, found at step 4" in message
@@ -95,7 +77,7 @@ def test_raise_stops_before_a_checkpoint_holds_the_damage(tmp_path):
     every_step = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
     trainer = toy_trainer(tmp_path, [MT2STCallback("mtl"), every_step], max_epochs=3, enable_checkpointing=True)
     with pytest.raises(FloatingPointError, match=r"\['parity'\] at step 2, found at step 3"):
-        trainer.fit(_nan_model(), toy_loader())
+        trainer.fit(nan_model(), toy_loader())
     assert not list((tmp_path / "ckpt").glob("*.ckpt"))  # the checkpoint of step 3 was never written
 
 
@@ -105,13 +87,13 @@ def test_raise_reads_at_the_latest_every_check_every_micro_batches(tmp_path, mon
     monkeypatch.setattr(guards, "CHECK_EVERY", 4)
     trainer = toy_trainer(tmp_path, [MT2STCallback("mtl")], max_epochs=3, log_every_n_steps=0)
     with pytest.raises(FloatingPointError, match=r"at step 2, found at step 3"):
-        trainer.fit(_nan_model(), toy_loader())
+        trainer.fit(nan_model(), toy_loader())
 
 
 def test_off_keeps_nothing(tmp_path):
     callback = MT2STCallback("mtl", on_nonfinite="off")
     trainer = toy_trainer(tmp_path, [callback], max_epochs=1)
-    trainer.fit(_nan_model(), toy_loader())  # trains on: nothing checked
+    trainer.fit(nan_model(), toy_loader())  # trains on: nothing checked
     assert callback.guard._pending == [] and callback.guard._bad is None
 
 

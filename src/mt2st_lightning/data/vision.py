@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from mt2st_lightning.data.fashion_mnist import DEFAULT_ROOT, read_fashion_mnist
 from mt2st_lightning.data.image_tasks import DictDataset, ImageTasksDataModule

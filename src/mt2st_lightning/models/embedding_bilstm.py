@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mt2st_lightning.models.counted_lstm import CountedBiLSTM
-from mt2st_lightning.models.text_tasks import TextTaskModel, load_embedding
+from mt2st_lightning.models.text_tasks import TextTaskModel, check_text_inputs, load_embedding
 
 __all__ = ["EmbeddingBiLSTMModel"]
 
@@ -90,11 +90,7 @@ class EmbeddingBiLSTMModel(TextTaskModel):
     ) -> None:
         super().__init__(tasks, primary, lr, weight_decay)
         self.save_hyperparameters()
-        unknown = [t for t in tasks if t not in SUPPORTED]
-        if unknown:
-            raise ValueError(f"EmbeddingBiLSTMModel has heads for {SUPPORTED}, not {unknown}; set data.aux_tasks")
-        if vocab_size < 4:
-            raise ValueError(f"vocab_size must come from the data module (its model_inputs), got {vocab_size}")
+        check_text_inputs("EmbeddingBiLSTMModel", SUPPORTED, tasks, vocab_size)
         self.embedding = load_embedding(vocab_size, embedding_dim, embedding_init)
         heads: dict[str, nn.Module] = {primary: _BiLSTMClassifier(embedding_dim, hidden, int(tasks[primary]["out_features"]), dropout)}
         if "similarity" in tasks:

@@ -23,9 +23,18 @@ from torchmetrics import Accuracy, MeanMetric, SpearmanCorrCoef, SumMetric
 from mt2st_lightning.data.streams import stream_costs
 from mt2st_lightning.mixin import MT2STMixin
 
-__all__ = ["TextTaskModel", "load_embedding"]
+__all__ = ["TextTaskModel", "check_text_inputs", "load_embedding"]
 
 STAGES = ("val", "test")
+
+
+def check_text_inputs(model: str, supported: tuple[str, ...], tasks: Mapping[str, Any], vocab_size: int) -> None:
+    """Fail before building a text model whose tasks it has no head for, or without the data module's vocabulary."""
+    unknown = [t for t in tasks if t not in supported]
+    if unknown:
+        raise ValueError(f"{model} has heads for {supported}, not {unknown}; set data.aux_tasks")
+    if vocab_size < 4:
+        raise ValueError(f"vocab_size must come from the data module (its model_inputs), got {vocab_size}")
 
 
 def load_embedding(vocab_size: int, dim: int, init: str | None) -> nn.Embedding:

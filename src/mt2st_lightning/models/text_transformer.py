@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mt2st_lightning.models.text_tasks import TextTaskModel, load_embedding
+from mt2st_lightning.models.text_tasks import TextTaskModel, check_text_inputs, load_embedding
 
 __all__ = ["TextTransformerModel"]
 
@@ -52,11 +52,7 @@ class TextTransformerModel(TextTaskModel):
     ) -> None:
         super().__init__(tasks, primary, lr, weight_decay)
         self.save_hyperparameters()
-        unknown = [t for t in tasks if t not in SUPPORTED]
-        if unknown:
-            raise ValueError(f"TextTransformerModel has heads for {SUPPORTED}, not {unknown}; set data.aux_tasks")
-        if vocab_size < 4:
-            raise ValueError(f"vocab_size must come from the data module (its model_inputs), got {vocab_size}")
+        check_text_inputs("TextTransformerModel", SUPPORTED, tasks, vocab_size)
         if not 0 < mask_rate < 1:
             raise ValueError(f"mask_rate must be in (0, 1), got {mask_rate}")
         self.embedding = load_embedding(vocab_size, d_model, embedding_init)
