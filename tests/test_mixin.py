@@ -235,3 +235,13 @@ def test_a_dropped_head_comes_back_with_the_users_own_requires_grad_flags():
     model._undrop_task("recon")  # what loading a checkpoint from before the drop does
     assert not frozen.requires_grad
     assert all(p.requires_grad for p in model.heads["recon"].parameters() if p is not frozen)
+
+
+def test_the_step_record_lists_the_primary_loss_first_whatever_the_order_given():
+    model = toy_model()
+    x = torch.zeros(())
+    losses = {"recon": x + 2.0, "parity": x + 3.0, "label": x + 1.0}  # primary last
+    model.mt2st_loss(losses)
+    record = model.take_step_record()
+    assert list(record.losses) == ["label", "recon", "parity"]  # the policies read the first one as the primary's
+    assert record.losses["label"] is losses["label"]

@@ -593,3 +593,17 @@ def test_auto_measures_on_the_parameters_without_features():
     sq = _sq(record, list(net.encoder.parameters()))
     for task in ("p", *AUX):
         assert policy.stats[f"sqnorm/{task}"].item() == pytest.approx(sq[task], rel=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["gradnorm", "noise", "conflict"])
+def test_a_resume_inside_a_measured_time_does_not_measure_it_again(strategy):
+    # unit="epoch" resumed from a mid-epoch checkpoint asks wants_step again for the same epoch.
+    policy = policy_for(strategy, adapt_every=1)
+    policy.bind(["a", "b"], 10.0, "epoch")
+    policy.weights(3, ("a", "b"))
+    policy.measured_at = 3  # as observe_step leaves it
+    resumed = policy_for(strategy, adapt_every=1)
+    resumed.bind(["a", "b"], 10.0, "epoch")
+    resumed.load_state_dict(pickle.loads(pickle.dumps(policy.state_dict())))
+    resumed.weights(3, ("a", "b"))
+    assert not resumed.wants_step(3) and resumed.wants_step(4)

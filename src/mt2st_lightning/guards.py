@@ -29,13 +29,17 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-__all__ = ["CHECK_EVERY", "NonFiniteGuard"]
+__all__ = ["CHECK_EVERY", "NonFiniteGuard", "NonFiniteLossError"]
 
 #: The "raise" mode reads its flag at the latest after this many micro-batches (also with log_every_n_steps=0).
 CHECK_EVERY = 64
 MODES = ("raise", "skip", "off")
 
 log = logging.getLogger("mt2st_lightning")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The guard's error: a task loss was NaN/inf, and the weights have taken that step's update since."""
 
 
 class NonFiniteGuard:
@@ -106,7 +110,7 @@ class NonFiniteGuard:
             if bad:
                 where = f"task(s) {bad} at {self.unit} {t}"
                 break
-        raise FloatingPointError(
+        raise NonFiniteLossError(
             f"MT2ST: non-finite loss in {where}, found at {self.unit} {now}: the guard reads its flag on the "
             "device only every log_every_n_steps optimizer steps (at most "
             f"{CHECK_EVERY} micro-batches apart), at epoch ends and before checkpoints, so training went on until then. "

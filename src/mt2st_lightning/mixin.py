@@ -170,7 +170,9 @@ class MT2STMixin:
         if total.ndim:  # a non-scalar loss broadcast into the total
             self._raise_for_loss_values(losses)
         if torch.is_grad_enabled():
-            self.__dict__["_mt2st_record"] = StepRecord(losses, features, total)
+            # Primary first, in declaration order: policies read the first loss as the primary's.
+            ordered = losses if next(iter(losses)) == active[0] else {task: losses[task] for task in active}
+            self.__dict__["_mt2st_record"] = StepRecord(ordered, features, total)
         return total
 
     def _raise_for_loss_values(self, losses: Mapping[str, Any]) -> None:

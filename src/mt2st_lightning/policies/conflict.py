@@ -84,6 +84,7 @@ class ConflictSwitch(Policy):
         self.conflict_counts: dict[str, int] = {}
         self.last_cosines: dict[str, float] = {}
         self.fired_at: dict[str, int] = {}
+        self.measured_at: int | None = None  # a time is measured once, also across a resume inside it
 
     # ------------------------------------------------------------------ once per fit
     def bind(self, tasks: Sequence[str], total: float | None, unit: str) -> None:
@@ -103,7 +104,7 @@ class ConflictSwitch(Policy):
         return {task: self._gamma0[task] for task in active}
 
     def wants_step(self, t: int) -> bool:
-        return bool(self._active) and t % self.adapt_every == 0
+        return bool(self._active) and t % self.adapt_every == 0 and t != self.measured_at
 
     def observe_step(self, t: int, record: StepRecord, reduce: Reducer) -> None:
         if record.features is None:
@@ -117,6 +118,7 @@ class ConflictSwitch(Policy):
         if not aux:
             return
         tasks = [tasks[0], *aux]
+        self.measured_at = t
         scale = float(record.loss_scale)
         # Scaled as the training backward is, so that small fp16 gradients do not underflow; the cosine does
         # not depend on the scale.
@@ -152,9 +154,11 @@ class ConflictSwitch(Policy):
             "conflict_counts": dict(self.conflict_counts),
             "last_cosines": dict(self.last_cosines),
             "fired_at": dict(self.fired_at),
+            "measured_at": self.measured_at,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.conflict_counts = {k: int(v) for k, v in state["conflict_counts"].items()}
         self.last_cosines = dict(state["last_cosines"])
         self.fired_at = dict(state["fired_at"])
+        self.measured_at = state.get("measured_at")

@@ -181,11 +181,13 @@ class MeasuredPolicy(SchedulePolicy):
         return {
             "stats": {k: v.detach().cpu().clone() for k, v in self.stats.items()},
             "factors": dict(self.factors),
+            "measured_at": self.measured_at,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.stats = {k: torch.as_tensor(v, dtype=torch.float64).cpu().clone() for k, v in state["stats"].items()}
         self.factors = {k: float(v) for k, v in state["factors"].items()}
+        self.measured_at = state.get("measured_at")
         self._weights_at = None
 
 
