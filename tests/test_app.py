@@ -521,3 +521,20 @@ def test_auto_progress_is_the_bar_in_a_terminal_and_epoch_lines_elsewhere(monkey
     cfg = compose_train("trainer.enable_progress_bar=true")
     assert app._progress_mode(cfg, []) == mode
     assert app._progress_mode(compose_train("trainer.enable_progress_bar=false"), []) == "off"
+
+
+def test_the_seed_is_no_setting_at_any_depth_of_the_data_config():
+    # The report averages runs over seeds and splits them by settings: a wrapped data module's shuffle_seed
+    # (data.images.shuffle_seed: ${seed}) must not make every seed a setting of its own.
+    from types import SimpleNamespace
+
+    from mt2st_lightning.train import run_settings
+
+    trainer = SimpleNamespace(precision="32-true", world_size=1)
+    mt2st = SimpleNamespace(total=600.0, unit="step")
+    one, two = (
+        run_settings(compose_train("data=diffusion_digits", "model=ddpm", f"seed={seed}"), trainer, mt2st)
+        for seed in (1, 2)
+    )
+    assert one == two
+    assert "shuffle_seed" not in one["data"]["images"] and one["data"]["images"]["split_seed"] == 0

@@ -380,7 +380,7 @@ def run_settings(cfg: DictConfig, trainer: L.Trainer, mt2st: MT2STCallback) -> d
 
     def config(key: str, drop: tuple[str, ...] = ()) -> dict[str, Any]:
         node = OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) is not None else {}
-        return {k: v for k, v in node.items() if k not in drop}
+        return _without(node, drop)
 
     return {
         # Not the loader's worker count or the seed (the run's seed is the thing averaged over).
@@ -392,6 +392,13 @@ def run_settings(cfg: DictConfig, trainer: L.Trainer, mt2st: MT2STCallback) -> d
         "precision": str(trainer.precision),
         "devices": int(trainer.world_size),
     }
+
+
+def _without(node: Any, keys: tuple[str, ...]) -> Any:
+    """``node`` without ``keys`` at any depth (a data module may wrap another: ``data.images.shuffle_seed``)."""
+    if isinstance(node, dict):
+        return {k: _without(v, keys) for k, v in node.items() if k not in keys}
+    return node
 
 
 def _relative(path: Path, base: Path) -> str:
