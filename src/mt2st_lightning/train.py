@@ -13,7 +13,6 @@ turns a folder of them into tables and plots.
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import logging
 import shutil
@@ -39,7 +38,7 @@ from mt2st_lightning.flops import PhaseCostMeter
 from mt2st_lightning.heads import relaunches_script
 from mt2st_lightning.names import TEST_PRIMARY_METRIC, VAL_PRIMARY_METRIC
 from mt2st_lightning.progress import EpochLines
-from mt2st_lightning.report import RESUME_POINTER_FILE, SUMMARY_FILE
+from mt2st_lightning.report import RESUME_POINTER_FILE, SUMMARY_FILE, read_metrics
 
 __all__ = ["CONFIG_DIR", "main", "train"]
 
@@ -269,8 +268,7 @@ def _keep_history_before(loggers: list[Logger], step: int) -> None:
         path = Path(logger.log_dir) / "metrics.csv"
         if not path.is_file():
             continue
-        with open(path, newline="") as f:
-            rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+        rows = read_metrics(path)
         backup = path.with_name("metrics.before_resume.csv")
         shutil.copyfile(path, backup)
         kept = [row for row in rows if "step" in row and row["step"] < step]
