@@ -30,6 +30,7 @@ def write_run(
     label: str | None = None,
     unit: str = "step",
     absolute_csv: bool = False,
+    test_metrics: dict[str, float] | None = None,
 ) -> Path:
     """A run folder as mt2st-train writes it. ``val``: (step, val accuracy, cumulative FLOPs, cumulative
     time) per validation; ``weights``: step -> the auxiliary weight logged then."""
@@ -69,6 +70,7 @@ def write_run(
         "drop_times": drop_times or {},
         "mt2st_unit": unit,
         "metrics_csv": str((run / "csv" / "metrics.csv").resolve()) if absolute_csv else "csv/metrics.csv",
+        "test_metrics": {"test/primary_metric": test_acc, "test/loss": 0.5, "test/samples": 100.0, **(test_metrics or {})},
     }
     (run / "run_summary.json").write_text(json.dumps(summary))
     return run
@@ -407,3 +409,39 @@ def test_the_curves_show_accuracy_in_percent_with_one_legend_and_the_drops(sweep
     assert _drop_points(next(g for g in groups if g.label == "switch"), "step") == [30.0]
     # FLOPs axis: the cumulative training FLOPs before the drop step, in GFLOP.
     assert _drop_points(next(g for g in groups if g.label == "switch"), "flops") == [pytest.approx(6500 * 21 / 100 / 1e9)]
+
+
+def test_other_test_metrics_get_a_table_and_csv_columns_of_their_own(tmp_path):
+    val = [(9, 0.5, 500, 1.0)]
+    write_run(tmp_path, "a", strategy="stl", seed=0, flops=100, val=val, test_metrics={"test/aux/spearman": 0.25})
+    write_run(tmp_path, "b", strategy="stl", seed=1, flops=100, val=val, test_metrics={"test/aux/spearman": 0.75})
+    write_run(tmp_path, "c", strategy="mtl", seed=0, flops=100, val=val, test_metrics={"test/fid": 3.0})
+    summary = summarize(collect_runs(tmp_path))
+    rows = {row.label: row for row in summary.rows}
+    assert set(rows["stl"].other_test_metrics) == {"test/aux/spearman"}  # not the primary metric, loss, samples
+    assert rows["stl"].other_test_metrics["test/aux/spearman"] == Stat(0.5, statistics.stdev([0.25, 0.75]), 2)
+    assert rows["mtl"].other_test_metrics == {"test/fid": Stat(3.0, None, 1)}
+
+    report = write_report(tmp_path)
+    text = report.markdown_path.read_text()
+    assert "| strategy | test/aux/spearman | test/fid |" in text
+    assert "| stl | 0.5 ± 0.3536 |  |" in text and "| mtl |  | 3 |" in text
+    with open(report.csv_path) as f:
+        records = {r["strategy"]: r for r in csv.DictReader(f)}
+    assert float(records["stl"]["test_aux_spearman_mean"]) == 0.5 and records["stl"]["test_fid_mean"] == ""
+    assert float(records["mtl"]["test_fid_mean"]) == 3.0
+
+
+def test_no_other_test_metrics_no_second_table(sweep):
+    assert "Other test metrics" not in write_report(sweep).markdown_path.read_text()
+
+
+def test_stl_runs_still_rising_at_their_last_check_are_flagged(sweep, tmp_path):
+    # seed 1's last check (0.875) beats its earlier ones; seed 0's (0.75) does not.
+    rows = rows_by_label(sweep)
+    assert rows["stl"].rising_at_end == 1 and rows["switch"].rising_at_end == 2
+    assert "STL may not have converged: in 1 of its 2 runs (stl)" in write_report(sweep).markdown_path.read_text()
+
+    flat = [(9, 0.5, 500, 1.0), (19, 0.75, 1000, 2.0), (29, 0.75, 1500, 3.0)]  # a tie is not a new best
+    write_run(tmp_path / "flat", "s", strategy="stl", seed=0, flops=100, val=flat)
+    assert "may not have converged" not in write_report(tmp_path / "flat").markdown_path.read_text()

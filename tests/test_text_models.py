@@ -72,6 +72,25 @@ def test_masked_tokens_are_real_tokens_only(tmp_path):
     assert (masked[~chosen] == tokens[~chosen]).all()
     model.hparams.mask_rate = 1e-9  # nothing drawn: one token is still chosen, so the loss is defined
     assert model.mask_tokens(tokens)[1].sum() == 1
+    model.hparams.mask_rate = 0.3
+    first, again = (model.mask_tokens(tokens, torch.Generator().manual_seed(0)) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))  # a seeded generator: same masks
+
+
+@pytest.mark.slow
+def test_the_transformer_reports_its_auxiliary_heads_on_the_test_sentences(tmp_path):
+    dm = make(write_slice(tmp_path / "d", per_domain=60), aux_tasks=("domain", "mlm"))
+    model = TextTransformerModel(tasks=dm.task_specs, **dm.model_inputs, d_model=16)
+    trainer = pl.Trainer(
+        max_epochs=2, callbacks=[MT2STCallback("switch", switch_at=0.5)], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=dm)
+    first, again = (trainer.test(model, datamodule=dm, verbose=False)[0] for _ in range(2))
+    assert {"test/aux/domain_acc", "test/aux/mlm_loss", "test/aux/mlm_acc"} <= set(first)
+    assert 0 <= first["test/aux/domain_acc"] <= 1 and 0 <= first["test/aux/mlm_acc"] <= 1
+    assert first["test/aux/mlm_loss"] > 0
+    assert first == again  # the test masks are seeded: two evaluations agree exactly
 
 
 @pytest.mark.slow

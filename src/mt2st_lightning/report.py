@@ -7,7 +7,8 @@ differ there is split into one row per setting, with a message), and writes into
 
 - ``summary.md`` and ``summary.csv``: per group, mean ± std over seeds of test and best validation accuracy,
   wall time, training FLOPs, the compression rate against STL, FLOPs per batch after the switch, and the
-  time and FLOPs to reach the STL runs' mean final validation accuracy;
+  time and FLOPs to reach the STL runs' mean final validation accuracy; then every other test metric the
+  runs logged (a setting's auxiliary metrics: held-out Spearman, a Fréchet distance, ...);
 - ``curves_vs_step.png``, ``curves_vs_flops.png``: primary training loss and validation accuracy;
 - ``aux_weights.png``: the auxiliary weights over time, with the steps where heads were dropped.
 
@@ -44,6 +45,9 @@ from mt2st_lightning.names import (
     COST_TIME_AT_VAL as TIME_AT_VAL,
 )
 from mt2st_lightning.names import (
+    TEST_PRIMARY_METRIC,
+)
+from mt2st_lightning.names import (
     VAL_PRIMARY_METRIC as VAL_METRIC,
 )
 
@@ -59,6 +63,7 @@ __all__ = [
     "find_incomplete_runs",
     "main",
     "markdown_table",
+    "other_metrics_table",
     "plot_curves",
     "plot_weights",
     "read_metrics",
@@ -68,6 +73,8 @@ __all__ = [
 ]
 
 SUMMARY_FILE = "run_summary.json"
+# Test metrics of the main table, or logged by every run: the others get a table of their own.
+_TEST_KEYS_IN_MAIN_TABLE = frozenset({TEST_PRIMARY_METRIC, "test/loss", "test/samples"})
 #: Written by a resumed launch into its own Hydra folder: the run it continued (in that run's folder).
 RESUME_POINTER_FILE = "continues_run.json"
 # Table order for the built-in strategies; other labels follow alphabetically.
@@ -118,6 +125,18 @@ class Run:
     def flops_per_batch_last_phase(self) -> int | None:
         phases = list((self.summary.get("phases") or {}).values())
         return phases[-1]["flops_per_batch"] if phases else None
+
+    @property
+    def rising_at_end(self) -> bool:
+        """Whether the last validation check set a new best: the run may not have converged."""
+        values = [r[VAL_METRIC] for r in self.val_rows]
+        return len(values) > 1 and values[-1] > max(values[:-1])
+
+    @property
+    def other_test_metrics(self) -> dict[str, float]:
+        """The test metrics besides the primary one (and the loss and sample count that every run logs)."""
+        logged = self.summary.get("test_metrics") or {}
+        return {k: float(v) for k, v in logged.items() if k not in _TEST_KEYS_IN_MAIN_TABLE}
 
     def first_reach(self, target: float) -> dict[str, float] | None:
         """The first validation row whose primary metric reaches ``target``; ``None`` if none does."""
@@ -291,6 +310,8 @@ class Row:
     reached_target: int
     target: float | None = None  # the val accuracy this row's time/FLOPs to target refer to
     baseline_flops: float | None = None  # the STL FLOPs this row's compression refers to
+    other_test_metrics: dict[str, Stat] = field(default_factory=dict)  # e.g. a held-out auxiliary metric
+    rising_at_end: int = 0  # runs whose last validation check set their best value
 
 
 @dataclass
@@ -346,6 +367,8 @@ def summarize(runs: Sequence[Run]) -> Summary:
                 reached_target=len(reached),
                 target=target,
                 baseline_flops=baseline,
+                other_test_metrics=_other_test_metrics(runs_),
+                rising_at_end=sum(r.rising_at_end for r in runs_),
             )
         )
     used = {(row.target, row.baseline_flops) for row in rows}
@@ -356,6 +379,12 @@ def summarize(runs: Sequence[Run]) -> Summary:
             "target are against the STL runs of its own settings (summary.csv: target_val_acc, stl_flops)."
         )
     return Summary(rows, target, stl_flops, messages)
+
+
+def _other_test_metrics(runs: Sequence[Run]) -> dict[str, Stat]:
+    keys = sorted({k for r in runs for k in r.other_test_metrics})
+    stats = {k: Stat.of(r.other_test_metrics.get(k) for r in runs) for k in keys}
+    return {k: stat for k, stat in stats.items() if stat is not None}
 
 
 def _compression(flops: Stat | None, baseline: float | None) -> Stat | None:
@@ -432,6 +461,20 @@ def markdown_table(summary: Summary) -> str:
     return "\n".join(lines)
 
 
+def other_metrics_table(summary: Summary) -> str:
+    """The test metrics besides the primary one, a column each (``""`` when no run logged any): a setting's
+    auxiliary metrics, e.g. held-out Spearman or a Fréchet distance, for the strategies that trained them and
+    for those that did not."""
+    keys = sorted({k for row in summary.rows for k in row.other_test_metrics})
+    if not keys:
+        return ""
+    lines = ["| strategy | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for row in summary.rows:
+        cells = [_cell(row.other_test_metrics.get(k), "{:.4g}".format) for k in keys]
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table_notes(summary: Summary) -> str:
     notes = list(summary.messages)
     per_row = summary.stl_flops is None and any(row.baseline_flops is not None for row in summary.rows)
@@ -447,6 +490,12 @@ def table_notes(summary: Summary) -> str:
         notes.append(
             f"Target = {_percent(summary.target)} % val accuracy (the STL runs' mean final value); time and "
             "FLOPs to target are cumulative training cost at the first validation that reaches it."
+        )
+    rising = [row for row in summary.rows if row.strategy == "stl" and row.rising_at_end]
+    for row in rising:
+        notes.append(
+            f"STL may not have converged: in {row.rising_at_end} of its {row.runs} runs ({row.label}) the last "
+            "validation check set a new best, so the target is below what STL would reach with more training."
         )
     notes.append(
         "Train time and FLOPs count training batches (forward + backward, rank 0); wall time is the whole "
@@ -480,6 +529,8 @@ def write_csv(summary: Summary, path: Path) -> None:
             "flops_to_target",
         ):
             record.update(_stat_fields(name, getattr(row, name)))
+        for key in sorted({k for r in summary.rows for k in r.other_test_metrics}):
+            record.update(_stat_fields(key.replace("/", "_"), row.other_test_metrics.get(key)))
         record["reached_target"] = row.reached_target if row.target is not None else ""
         record["target_val_acc"] = "" if row.target is None else row.target
         record["stl_flops"] = "" if row.baseline_flops is None else row.baseline_flops
@@ -720,6 +771,9 @@ def write_report(root: str | Path, out_dir: str | Path | None = None) -> Report:
 
     summary = summarize(runs)
     table = markdown_table(summary)
+    others = other_metrics_table(summary)
+    if others:
+        table += f"\n\nOther test metrics (mean ± std over the same runs):\n\n{others}"
     plots = plot_curves(runs, out)
     weights = plot_weights(runs, out)
     plots += [weights] if weights is not None else []

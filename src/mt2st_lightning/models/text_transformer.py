@@ -10,6 +10,11 @@ embedding table, which every task reaches through the whole encoder. The encoder
 masked-LM loss depends only on the masked batch's rows and the primary loss only on the primary batch's, so
 their gradients there never overlap and their cosine is always 0. Measuring on the table costs one backward
 through the encoder per task on a measuring step.
+
+On the test sentences it also reports each auxiliary head (the paper's Table 3 "aux loss"), for every strategy,
+also those that never trained the head: ``test/aux/domain_acc`` and ``test/aux/mlm_loss``/``mlm_acc``, the
+masked-LM cross-entropy and accuracy at positions masked with a fixed seed, the same for every run. A head whose
+weights were released (``release_heads=True``) is not evaluated.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import Accuracy, MeanMetric
 
 from mt2st_lightning.models.text_tasks import TextTaskModel, check_text_inputs, load_embedding
 
@@ -27,6 +33,7 @@ __all__ = ["TextTransformerModel"]
 
 SUPPORTED = ("sentiment", "domain", "mlm")
 MASK_ID = 2  # data.text.SPECIALS: <pad>, <unk>, <mask>
+TEST_MASK_SEED = 0  # every run masks the same test positions
 
 
 class TextTransformerModel(TextTaskModel):
@@ -68,6 +75,11 @@ class TextTransformerModel(TextTaskModel):
             heads["mlm"] = nn.Linear(d_model, vocab_size)
         self.heads = nn.ModuleDict(heads)
         self.declare_tasks(primary=primary, heads=self.heads)
+        if "domain" in tasks:
+            self.test_domain_acc = Accuracy(task="multiclass", num_classes=int(tasks["domain"]["out_features"]))
+        if "mlm" in tasks:
+            self.test_mlm_loss, self.test_mlm_acc = MeanMetric(), MeanMetric()
+        self.__dict__["test_mask_generator"] = None  # a plain attribute: not a module, not in the checkpoint
 
     def encode(self, tokens: Tensor) -> Tensor:
         t = tokens.shape[1]
@@ -82,16 +94,23 @@ class TextTransformerModel(TextTaskModel):
     def primary_logits(self, tokens: Tensor) -> Tensor:
         return self.heads[self.primary_task](self.pool(self.encode(tokens), tokens))
 
-    def mask_tokens(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """``(masked tokens, positions chosen)``; at least one position per batch is chosen."""
+    def mask_tokens(self, tokens: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``(masked tokens, positions chosen)``; at least one position per batch is chosen. The draws come from
+        ``generator`` (a CPU generator) when given, else from the global RNG on the tokens' device."""
+
+        def draw(fn: Any, *args: Any) -> Tensor:
+            if generator is None:
+                return fn(*args, tokens.shape, device=tokens.device)
+            return fn(*args, tokens.shape, generator=generator).to(tokens.device)
+
         real = tokens > MASK_ID
-        chosen = real & (torch.rand(tokens.shape, device=tokens.device) < self.hparams.mask_rate)
+        chosen = real & (draw(torch.rand) < self.hparams.mask_rate)
         if not chosen.any():
             chosen = real & (real.cumsum(1) == 1) & (torch.arange(len(tokens), device=tokens.device) == 0).unsqueeze(1)
-        draw = torch.rand(tokens.shape, device=tokens.device)
-        masked = torch.where(chosen & (draw < 0.8), torch.full_like(tokens, MASK_ID), tokens)
-        random_words = torch.randint(MASK_ID + 1, self.embedding.num_embeddings, tokens.shape, device=tokens.device)
-        masked = torch.where(chosen & (draw >= 0.8) & (draw < 0.9), random_words, masked)
+        kind = draw(torch.rand)
+        masked = torch.where(chosen & (kind < 0.8), torch.full_like(tokens, MASK_ID), tokens)
+        random_words = draw(torch.randint, MASK_ID + 1, self.embedding.num_embeddings)
+        masked = torch.where(chosen & (kind >= 0.8) & (kind < 0.9), random_words, masked)
         return masked, chosen
 
     def training_losses(self, batch: Mapping[str, Any]) -> tuple[dict[str, Tensor], Tensor, Tensor]:
@@ -115,3 +134,31 @@ class TextTransformerModel(TextTaskModel):
             hidden = encoded[len(tokens) :, : masked.shape[1]][chosen]
             losses["mlm"] = F.cross_entropy(self.heads["mlm"](hidden).float(), sentences[chosen])
         return losses, self.embedding.weight, logits
+
+    # ------------------------------------------------------------------ held-out auxiliary metrics
+    def on_test_epoch_start(self) -> None:
+        self.__dict__["test_mask_generator"] = torch.Generator().manual_seed(TEST_MASK_SEED)
+
+    def _evaluate_primary(self, batch: Mapping[str, Tensor], stage: str) -> None:
+        super()._evaluate_primary(batch, stage)
+        if stage == "test":
+            self._evaluate_auxiliary_heads(batch)
+
+    def _evaluate_auxiliary_heads(self, batch: Mapping[str, Tensor]) -> None:
+        tokens = batch["tokens"]
+        kw = dict(on_step=False, on_epoch=True, add_dataloader_idx=False)
+        usable = set(self.heads) - set(self.released_tasks)
+        if "domain" in usable and "domain" in batch:
+            logits = self.heads["domain"](self.pool(self.encode(tokens), tokens))
+            self.test_domain_acc(logits.argmax(-1), batch["domain"])
+            self.log("test/aux/domain_acc", self.test_domain_acc, batch_size=len(tokens), **kw)
+        if "mlm" in usable:
+            generator = self.test_mask_generator or torch.Generator().manual_seed(TEST_MASK_SEED)
+            masked, chosen = self.mask_tokens(tokens, generator)
+            logits = self.heads["mlm"](self.encode(masked)[chosen]).float()
+            target = tokens[chosen]
+            n = int(chosen.sum())
+            self.test_mlm_loss.update(F.cross_entropy(logits, target), weight=n)
+            self.test_mlm_acc.update((logits.argmax(-1) == target).float().mean(), weight=n)
+            self.log("test/aux/mlm_loss", self.test_mlm_loss, batch_size=n, **kw)
+            self.log("test/aux/mlm_acc", self.test_mlm_acc, batch_size=n, **kw)
