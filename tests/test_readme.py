@@ -33,10 +33,14 @@ def test_readme_example_runs(code, tmp_path, monkeypatch):
 
 
 def _train_commands() -> list[str]:
-    """Every `mt2st-train ...` command line in the README's and the experiments' shell blocks."""
+    """Every `mt2st-train ...` command line in the shell blocks of the README and of the experiments' pages
+    (fenced ```bash blocks, and the results pages' indented blocks)."""
     lines = []
-    for path in (README, README.parent / "experiments" / "README.md"):
-        for block in re.findall(r"```bash\n(.*?)```", path.read_text(), flags=re.S):
+    for path in (README, *sorted((README.parent / "experiments").glob("*.md"))):
+        text = path.read_text()
+        blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+        blocks += re.findall(r"^    (mt2st-train .*)$", text, flags=re.M)
+        for block in blocks:
             lines += [line.split("#")[0].strip() for line in block.splitlines() if line.strip().startswith("mt2st-train")]
     return lines
 

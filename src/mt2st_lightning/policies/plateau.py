@@ -36,7 +36,9 @@ class PlateauSwitch(Policy):
 
     Args:
         monitor: the key of a metric logged during validation, e.g. ``"val/loss"`` or
-            ``"val/primary_metric"``.
+            ``"val/primary_metric"``. Under DDP make it the same on every rank (a torchmetrics metric, or
+            ``self.log(..., sync_dist=True)``): each rank keeps its own best value and wait count, and a
+            checkpoint holds rank 0's, as with ``EarlyStopping``.
         mode: ``"min"`` (default, as ``EarlyStopping``) or ``"max"``: the direction in which ``monitor``
             improves.
         patience: how many validation checks without improvement decide the switch (an int >= 1).
