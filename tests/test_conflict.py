@@ -323,6 +323,12 @@ def test_a_real_fit_drops_the_task_whose_gradient_opposes_the_primary(tmp_path):
     assert mt2st.policy.last_cosines["twin"] == pytest.approx(1.0)  # twin and primary heads train identically
     logged = {k: v for _, row in logger.rows for k, v in row.items() if k.startswith(SWITCH_STEP_PREFIX)}
     assert logged == {SWITCH_STEP_PREFIX + "anti": 5}
+    # Each measurement's cosines reach the loggers at its step: both tasks at 0, 2, 4; then twin alone.
+    cosines = [(step, row) for step, row in logger.rows if any(k.startswith("mt2st/conflict/cosine/") for k in row)]
+    assert [step for step, _ in cosines] == list(range(0, trainer.global_step, 2))
+    assert all(row["mt2st/conflict/cosine/anti"] < -0.9 for step, row in cosines if step <= 4)
+    assert all("mt2st/conflict/cosine/anti" not in row for step, row in cosines if step > 4)
+    assert all(row["mt2st/conflict/cosine/twin"] == pytest.approx(1.0) for _, row in cosines)
 
 
 def test_the_app_model_hands_its_features_over(tmp_path):

@@ -62,7 +62,9 @@ class MT2STCallback(Callback):
         save_single_task: a file name (relative to the run's log directory) or path: at the end of training,
             if auxiliary heads were dropped, the primary-only model is saved there, loadable with
             ``Model.load_from_checkpoint(path, strict=False)``.
-        log_weights: log ``mt2st/weight/<task>`` and ``mt2st/active_tasks`` on Lightning's logging steps.
+        log_weights: log ``mt2st/weight/<task>`` and ``mt2st/active_tasks`` on Lightning's logging steps, and
+            after each measuring step what the policy measured (``Policy.diagnostics``; e.g. ``conflict``'s
+            ``mt2st/conflict/cosine/<task>``).
         release_heads: also free a dropped head's weights and buffers, so that the model takes the memory of
             a single-task model (also when resuming a checkpoint saved without it). Its checkpoints then hold
             the dropped heads as empty tensors; load them through Lightning, which releases the heads first.
@@ -318,6 +320,10 @@ class MT2STCallback(Callback):
             record = replace(record, loss_scale=scale)
         assert self._reducer is not None and self._time is not None
         self.policy.observe_step(self._time, record, self._reducer)
+        if self.log_weights and trainer.loggers:
+            found = self.policy.diagnostics()
+            if found:
+                self._log({names.policy_metric(self.policy.name, key): value for key, value in found.items()}, trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit" or self._reducer is None:

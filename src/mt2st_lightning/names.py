@@ -19,6 +19,7 @@ __all__ = [
     "VAL_LOSS",
     "VAL_PRIMARY_METRIC",
     "WEIGHT_PREFIX",
+    "policy_metric",
     "task_loss",
     "weight",
 ]
@@ -46,6 +47,11 @@ COST_TIME_AT_VAL = "cost/time_s_at_val"
 def weight(task: str) -> str:
     """The key of an auxiliary task's logged weight."""
     return f"{WEIGHT_PREFIX}{task}"
+
+
+def policy_metric(policy: str, key: str) -> str:
+    """The key under which the callback logs a policy's diagnostic, e.g. ``mt2st/conflict/cosine/edges``."""
+    return f"mt2st/{policy}/{key}"
 
 
 def task_loss(task: str, split: str = "train") -> str:

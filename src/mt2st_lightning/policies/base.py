@@ -85,6 +85,7 @@ class Policy(ABC):
       forward and backward of the first micro-batch of that step. A step that the non-finite guard skips is
       never observed.
     - :meth:`observe_validation` after each validation run, with the logged metrics.
+    - :meth:`diagnostics` after each :meth:`observe_step`: what the measurement found, for the loggers.
     - :meth:`state_dict` / :meth:`load_state_dict` with every checkpoint.
     """
 
@@ -121,6 +122,12 @@ class Policy(ABC):
 
     def observe_validation(self, t: int, metrics: Mapping[str, Tensor | float], reduce: Reducer) -> None:
         """See the metrics logged by a validation run that ended at time ``t``."""
+
+    def diagnostics(self) -> Mapping[str, float]:
+        """What the latest :meth:`observe_step` measured, as Python floats keyed by a short name (e.g.
+        ``"cosine/edges"``); the callback logs each as ``mt2st/<name>/<key>`` (``names.policy_metric``). Only
+        values already read to the host: logging them must not synchronise the device again."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -85,6 +85,7 @@ class ConflictSwitch(Policy):
         self.last_cosines: dict[str, float] = {}
         self.fired_at: dict[str, int] = {}
         self.measured_at: int | None = None  # a time is measured once, also across a resume inside it
+        self._measured: list[str] = []  # the tasks whose cosine the latest measurement gave
 
     # ------------------------------------------------------------------ once per fit
     def bind(self, tasks: Sequence[str], total: float | None, unit: str) -> None:
@@ -107,6 +108,7 @@ class ConflictSwitch(Policy):
         return bool(self._active) and t % self.adapt_every == 0 and t != self.measured_at
 
     def observe_step(self, t: int, record: StepRecord, reduce: Reducer) -> None:
+        self._measured = []
         if record.features is None:
             raise RuntimeError(
                 "MT2ST (conflict) compares task gradients on the shared features, and training_step did not hand "
@@ -135,6 +137,7 @@ class ConflictSwitch(Policy):
         n = stats.numel()
         if not all(math.isfinite(v) for v in values[:n]):
             return  # overflowed: ignore this measurement, as the GradScaler skips the step
+        self._measured = aux
         for task, cosine in zip(aux, values[n:]):
             self.last_cosines[task] = cosine
             if math.isnan(cosine):
@@ -147,6 +150,15 @@ class ConflictSwitch(Policy):
                     f"MT2ST (conflict): the gradient of {task!r} stayed below cosine {self.threshold} to the "
                     f"primary's for {self.window} measurements (last {cosine:.3f}); its head leaves at the next step"
                 )
+
+    def diagnostics(self) -> Mapping[str, float]:
+        """``cosine/<task>``: each task's cosine with the primary in the latest measurement (an undefined one,
+        from a zero gradient, is left out)."""
+        return {
+            f"cosine/{task}": self.last_cosines[task]
+            for task in self._measured
+            if not math.isnan(self.last_cosines.get(task, math.nan))
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
