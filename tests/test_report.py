@@ -31,6 +31,7 @@ def write_run(
     unit: str = "step",
     absolute_csv: bool = False,
     test_metrics: dict[str, float] | None = None,
+    stream_costs: dict[str, float] | None = None,
 ) -> Path:
     """A run folder as mt2st-train writes it. ``val``: (step, val accuracy, cumulative FLOPs, cumulative
     time) per validation; ``weights``: step -> the auxiliary weight logged then."""
@@ -70,6 +71,7 @@ def write_run(
         "drop_times": drop_times or {},
         "mt2st_unit": unit,
         "metrics_csv": str((run / "csv" / "metrics.csv").resolve()) if absolute_csv else "csv/metrics.csv",
+        "stream_costs": stream_costs or {},
         "test_metrics": {"test/primary_metric": test_acc, "test/loss": 0.5, "test/samples": 100.0, **(test_metrics or {})},
     }
     (run / "run_summary.json").write_text(json.dumps(summary))
@@ -445,3 +447,21 @@ def test_stl_runs_still_rising_at_their_last_check_are_flagged(sweep, tmp_path):
     flat = [(9, 0.5, 500, 1.0), (19, 0.75, 1000, 2.0), (29, 0.75, 1500, 3.0)]  # a tie is not a new best
     write_run(tmp_path / "flat", "s", strategy="stl", seed=0, flops=100, val=flat)
     assert "may not have converged" not in write_report(tmp_path / "flat").markdown_path.read_text()
+
+
+def test_what_the_auxiliary_streams_loaded_gets_a_table_of_its_own(tmp_path):
+    val = [(9, 0.5, 500, 1.0)]
+    for seed, batches in ((0, 10.0), (1, 20.0)):
+        costs = {"stream/images/batches": batches, "stream/images/load_time_s": 0.5}
+        write_run(tmp_path, f"s{seed}", strategy="switch", seed=seed, flops=100, val=val, stream_costs=costs)
+    write_run(tmp_path, "stl", strategy="stl", seed=0, flops=100, val=val)  # no stream: blank cells
+    rows = rows_by_label(tmp_path)
+    assert rows["switch"].stream_costs["stream/images/batches"] == Stat(15.0, statistics.stdev([10.0, 20.0]), 2)
+    assert rows["stl"].stream_costs == {}
+    report = write_report(tmp_path)
+    text = report.markdown_path.read_text()
+    assert "| strategy | stream/images/batches | stream/images/load_time_s |" in text
+    assert "| switch | 15 ± 7.071 | 0.5 ± 0 |" in text and "| stl |  |  |" in text
+    with open(report.csv_path) as f:
+        records = {r["strategy"]: r for r in csv.DictReader(f)}
+    assert float(records["switch"]["stream_images_batches_mean"]) == 15.0

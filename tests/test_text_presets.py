@@ -38,6 +38,13 @@ def test_preset_runs_one_batch_from_a_fresh_folder(tmp_path, preset, adaptive, a
     assert 0 <= summary["test_primary_metric"] <= 1
     if preset == "paper_embeddings":
         assert {"test/aux/similarity_spearman", "test/aux/analogy_acc"} <= set(summary["test_metrics"])
+        streams = ("pairs", "analogies")
+    else:
+        assert {"test/aux/domain_acc", "test/aux/mlm_loss", "test/aux/mlm_acc"} <= set(summary["test_metrics"])
+        streams = ("sentences",)
+    # What each auxiliary stream loaded in its one step (Lightning may fetch one batch ahead).
+    for stream in streams:
+        assert 1 <= summary["stream_costs"][f"stream/{stream}/batches"] <= 2, summary["stream_costs"]
     assert json.loads((out / "run_summary.json").read_text())["strategy"] == adaptive
 
 

@@ -216,6 +216,9 @@ def test_vision_presets_run_one_batch_from_a_fresh_folder(tmp_path, overrides):
     assert summary["auxiliary_tasks"] == ["edges", "contrast"]
     assert 0 <= summary["test_primary_metric"] <= 1
     assert (tmp_path / "run" / "run_summary.json").is_file()
+    # Only the low-label preset feeds the auxiliary tasks from a stream of their own; its cost is in the summary.
+    low_label = "experiment=paper_vision_low_label" in overrides
+    assert (summary["stream_costs"].get("stream/images/batches", 0) >= 1) == low_label, summary["stream_costs"]
 
 
 def test_switch_point_ablation_composes_with_the_vision_presets():

@@ -13,6 +13,7 @@ __all__ = [
     "COST_FLOPS_PER_BATCH",
     "COST_TIME",
     "COST_TIME_AT_VAL",
+    "STREAM_PREFIX",
     "SWITCH_STEP_PREFIX",
     "TEST_PRIMARY_METRIC",
     "TRAIN_LOSS",
@@ -35,6 +36,10 @@ TRAIN_LOSS = "train/loss"
 VAL_LOSS = "val/loss"
 VAL_PRIMARY_METRIC = "val/primary_metric"
 TEST_PRIMARY_METRIC = "test/primary_metric"
+
+#: ``stream/<name>/{batches,samples,load_time_s,skipped}``: what an auxiliary task's own data stream loaded so
+#: far in the fit (``data.streams.stream_costs``, logged by the models that train on such streams).
+STREAM_PREFIX = "stream/"
 
 # Logged by PhaseCostMeter.
 COST_FLOPS = "cost/flops"

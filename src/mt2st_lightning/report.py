@@ -8,7 +8,8 @@ differ there is split into one row per setting, with a message), and writes into
 - ``summary.md`` and ``summary.csv``: per group, mean ± std over seeds of test and best validation accuracy,
   wall time, training FLOPs, the compression rate against STL, FLOPs per batch after the switch, and the
   time and FLOPs to reach the STL runs' mean final validation accuracy; then every other test metric the
-  runs logged (a setting's auxiliary metrics: held-out Spearman, a Fréchet distance, ...);
+  runs logged (a setting's auxiliary metrics: held-out Spearman, a Fréchet distance, ...) and what each
+  auxiliary data stream loaded (batches, samples, loading time; the runs' ``stream_costs``);
 - ``curves_vs_step.png``, ``curves_vs_flops.png``: primary training loss and validation accuracy;
 - ``aux_weights.png``: the auxiliary weights over time, with the steps where heads were dropped.
 
@@ -28,7 +29,7 @@ import csv
 import json
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ __all__ = [
     "main",
     "markdown_table",
     "other_metrics_table",
+    "stream_costs_table",
     "plot_curves",
     "plot_weights",
     "read_metrics",
@@ -137,6 +139,11 @@ class Run:
         """The test metrics besides the primary one (and the loss and sample count that every run logs)."""
         logged = self.summary.get("test_metrics") or {}
         return {k: float(v) for k, v in logged.items() if k not in _TEST_KEYS_IN_MAIN_TABLE}
+
+    @property
+    def stream_costs(self) -> dict[str, float]:
+        """``stream/<name>/<cost>`` of each auxiliary data stream over the fit (empty without such streams)."""
+        return {k: float(v) for k, v in (self.summary.get("stream_costs") or {}).items()}
 
     def first_reach(self, target: float) -> dict[str, float] | None:
         """The first validation row whose primary metric reaches ``target``; ``None`` if none does."""
@@ -311,6 +318,7 @@ class Row:
     target: float | None = None  # the val accuracy this row's time/FLOPs to target refer to
     baseline_flops: float | None = None  # the STL FLOPs this row's compression refers to
     other_test_metrics: dict[str, Stat] = field(default_factory=dict)  # e.g. a held-out auxiliary metric
+    stream_costs: dict[str, Stat] = field(default_factory=dict)  # what the auxiliary data streams loaded
     rising_at_end: int = 0  # runs whose last validation check set their best value
 
 
@@ -367,7 +375,8 @@ def summarize(runs: Sequence[Run]) -> Summary:
                 reached_target=len(reached),
                 target=target,
                 baseline_flops=baseline,
-                other_test_metrics=_other_test_metrics(runs_),
+                other_test_metrics=_stats_by_key([r.other_test_metrics for r in runs_]),
+                stream_costs=_stats_by_key([r.stream_costs for r in runs_]),
                 rising_at_end=sum(r.rising_at_end for r in runs_),
             )
         )
@@ -381,9 +390,10 @@ def summarize(runs: Sequence[Run]) -> Summary:
     return Summary(rows, target, stl_flops, messages)
 
 
-def _other_test_metrics(runs: Sequence[Run]) -> dict[str, Stat]:
-    keys = sorted({k for r in runs for k in r.other_test_metrics})
-    stats = {k: Stat.of(r.other_test_metrics.get(k) for r in runs) for k in keys}
+def _stats_by_key(values: Sequence[Mapping[str, float]]) -> dict[str, Stat]:
+    """Mean ± std per key over the runs that have it."""
+    keys = sorted({k for v in values for k in v})
+    stats = {k: Stat.of(v.get(k) for v in values) for k in keys}
     return {k: stat for k, stat in stats.items() if stat is not None}
 
 
@@ -465,12 +475,22 @@ def other_metrics_table(summary: Summary) -> str:
     """The test metrics besides the primary one, a column each (``""`` when no run logged any): a setting's
     auxiliary metrics, e.g. held-out Spearman or a Fréchet distance, for the strategies that trained them and
     for those that did not."""
-    keys = sorted({k for row in summary.rows for k in row.other_test_metrics})
+    return _keyed_table(summary, "other_test_metrics")
+
+
+def stream_costs_table(summary: Summary) -> str:
+    """What each auxiliary data stream loaded over a run (``""`` without such streams): a dropped task's
+    stream stops loading, so its batches and loading time fall with the switch."""
+    return _keyed_table(summary, "stream_costs")
+
+
+def _keyed_table(summary: Summary, attribute: str) -> str:
+    keys = sorted({k for row in summary.rows for k in getattr(row, attribute)})
     if not keys:
         return ""
     lines = ["| strategy | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for row in summary.rows:
-        cells = [_cell(row.other_test_metrics.get(k), "{:.4g}".format) for k in keys]
+        cells = [_cell(getattr(row, attribute).get(k), "{:.4g}".format) for k in keys]
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -529,8 +549,9 @@ def write_csv(summary: Summary, path: Path) -> None:
             "flops_to_target",
         ):
             record.update(_stat_fields(name, getattr(row, name)))
-        for key in sorted({k for r in summary.rows for k in r.other_test_metrics}):
-            record.update(_stat_fields(key.replace("/", "_"), row.other_test_metrics.get(key)))
+        for attribute in ("other_test_metrics", "stream_costs"):
+            for key in sorted({k for r in summary.rows for k in getattr(r, attribute)}):
+                record.update(_stat_fields(key.replace("/", "_"), getattr(row, attribute).get(key)))
         record["reached_target"] = row.reached_target if row.target is not None else ""
         record["target_val_acc"] = "" if row.target is None else row.target
         record["stl_flops"] = "" if row.baseline_flops is None else row.baseline_flops
@@ -771,9 +792,11 @@ def write_report(root: str | Path, out_dir: str | Path | None = None) -> Report:
 
     summary = summarize(runs)
     table = markdown_table(summary)
-    others = other_metrics_table(summary)
+    others, streams = other_metrics_table(summary), stream_costs_table(summary)
     if others:
         table += f"\n\nOther test metrics (mean ± std over the same runs):\n\n{others}"
+    if streams:
+        table += f"\n\nAuxiliary data streams, loaded over each run (mean ± std over the same runs):\n\n{streams}"
     plots = plot_curves(runs, out)
     weights = plot_weights(runs, out)
     plots += [weights] if weights is not None else []

@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from mt2st_lightning.callback import MT2STCallback
 from mt2st_lightning.flops import PhaseCostMeter
 from mt2st_lightning.heads import relaunches_script
-from mt2st_lightning.names import TEST_PRIMARY_METRIC, VAL_PRIMARY_METRIC
+from mt2st_lightning.names import STREAM_PREFIX, TEST_PRIMARY_METRIC, VAL_PRIMARY_METRIC
 from mt2st_lightning.progress import EpochLines
 from mt2st_lightning.report import RESUME_POINTER_FILE, SUMMARY_FILE, read_metrics
 
@@ -363,6 +363,8 @@ def _fit_summary(
         "total_steps": trainer.global_step,
         "epochs": trainer.current_epoch,
         "final_val_primary_metric": _metric(trainer, VAL_PRIMARY_METRIC),
+        # What each auxiliary data stream loaded over the fit (cumulative counts at its last logged step).
+        "stream_costs": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(STREAM_PREFIX)},
         "val_samples": _metric(trainer, "val/samples"),
         # Relative to the run's folder (where this file is), so a moved sweep folder still reads.
         "metrics_csv": _relative(csv_logs[0], output_dir) if csv_logs else None,

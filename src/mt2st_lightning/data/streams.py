@@ -33,6 +33,8 @@ from typing import Any
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from mt2st_lightning.names import STREAM_PREFIX
+
 __all__ = ["MAX_PASSES_PER_EPOCH", "AuxiliaryStream", "combine_streams", "pass_seed", "stream_costs"]
 
 #: Passes over a stream's dataset within one training epoch, at most (a guard against a tiny stream dataset).
@@ -188,7 +190,7 @@ def stream_costs(trainer: Any) -> dict[str, float]:
     if not isinstance(iterables, Mapping):
         return {}
     return {
-        f"stream/{name}/{key}": value
+        f"{STREAM_PREFIX}{name}/{key}": value
         for name, stream in iterables.items()
         if isinstance(stream, AuxiliaryStream)
         for key, value in stream.costs().items()
