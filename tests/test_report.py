@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mt2st_lightning.report import Stat, collect_runs, main, markdown_table, summarize, write_report
+from mt2st_lightning.report import Run, Stat, collect_runs, main, markdown_table, summarize, write_report
 
 FULL, SINGLE = "digit+recon", "digit"
 
@@ -465,3 +465,11 @@ def test_what_the_auxiliary_streams_loaded_gets_a_table_of_its_own(tmp_path):
     with open(report.csv_path) as f:
         records = {r["strategy"]: r for r in csv.DictReader(f)}
     assert float(records["switch"]["stream_images_batches_mean"]) == 15.0
+
+
+def test_stream_costs_of_older_summaries_come_from_the_metrics(tmp_path):
+    rows = [{"step": 3.0, "stream/images/batches": 4.0}, {"step": 7.0, "stream/images/batches": 8.0}, {"step": 9.0}]
+    older = Run(tmp_path, {"strategy": "switch"}, rows)  # a summary written before it held stream_costs
+    assert older.stream_costs == {"stream/images/batches": 8.0}  # the last logged cumulative count
+    newer = Run(tmp_path, {"strategy": "switch", "stream_costs": {}}, rows)
+    assert newer.stream_costs == {}  # the summary's own record wins

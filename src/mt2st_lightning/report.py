@@ -36,6 +36,7 @@ from typing import Any
 
 from mt2st_lightning.names import (
     COST_FLOPS,
+    STREAM_PREFIX,
     WEIGHT_PREFIX,
     task_loss,
 )
@@ -142,8 +143,11 @@ class Run:
 
     @property
     def stream_costs(self) -> dict[str, float]:
-        """``stream/<name>/<cost>`` of each auxiliary data stream over the fit (empty without such streams)."""
-        return {k: float(v) for k, v in (self.summary.get("stream_costs") or {}).items()}
+        """``stream/<name>/<cost>`` of each auxiliary data stream over the fit (empty without such streams);
+        for a summary written before it held them, the last values in ``metrics.csv``."""
+        if "stream_costs" in self.summary:
+            return {k: float(v) for k, v in (self.summary["stream_costs"] or {}).items()}
+        return {k: v for row in self.metrics for k, v in row.items() if k.startswith(STREAM_PREFIX)}
 
     def first_reach(self, target: float) -> dict[str, float] | None:
         """The first validation row whose primary metric reaches ``target``; ``None`` if none does."""
