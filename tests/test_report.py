@@ -413,6 +413,13 @@ def test_the_curves_show_accuracy_in_percent_with_one_legend_and_the_drops(sweep
     assert _drop_points(next(g for g in groups if g.label == "switch"), "flops") == [pytest.approx(6500 * 21 / 100 / 1e9)]
 
 
+def _markdown_and_csv(root: Path) -> tuple[str, dict[str, dict[str, str]]]:
+    """The report's summary.md text and its summary.csv rows by strategy."""
+    report = write_report(root)
+    with open(report.csv_path) as f:
+        return report.markdown_path.read_text(), {r["strategy"]: r for r in csv.DictReader(f)}
+
+
 def test_other_test_metrics_get_a_table_and_csv_columns_of_their_own(tmp_path):
     val = [(9, 0.5, 500, 1.0)]
     write_run(tmp_path, "a", strategy="stl", seed=0, flops=100, val=val, test_metrics={"test/aux/spearman": 0.25})
@@ -424,12 +431,9 @@ def test_other_test_metrics_get_a_table_and_csv_columns_of_their_own(tmp_path):
     assert rows["stl"].other_test_metrics["test/aux/spearman"] == Stat(0.5, statistics.stdev([0.25, 0.75]), 2)
     assert rows["mtl"].other_test_metrics == {"test/fid": Stat(3.0, None, 1)}
 
-    report = write_report(tmp_path)
-    text = report.markdown_path.read_text()
+    text, records = _markdown_and_csv(tmp_path)
     assert "| strategy | test/aux/spearman | test/fid |" in text
     assert "| stl | 0.5 ± 0.3536 |  |" in text and "| mtl |  | 3 |" in text
-    with open(report.csv_path) as f:
-        records = {r["strategy"]: r for r in csv.DictReader(f)}
     assert float(records["stl"]["test_aux_spearman_mean"]) == 0.5 and records["stl"]["test_fid_mean"] == ""
     assert float(records["mtl"]["test_fid_mean"]) == 3.0
 
@@ -458,12 +462,9 @@ def test_what_the_auxiliary_streams_loaded_gets_a_table_of_its_own(tmp_path):
     rows = rows_by_label(tmp_path)
     assert rows["switch"].stream_costs["stream/images/batches"] == Stat(15.0, statistics.stdev([10.0, 20.0]), 2)
     assert rows["stl"].stream_costs == {}
-    report = write_report(tmp_path)
-    text = report.markdown_path.read_text()
+    text, records = _markdown_and_csv(tmp_path)
     assert "| strategy | stream/images/batches | stream/images/load_time_s |" in text
     assert "| switch | 15 ± 7.071 | 0.5 ± 0 |" in text and "| stl |  |  |" in text
-    with open(report.csv_path) as f:
-        records = {r["strategy"]: r for r in csv.DictReader(f)}
     assert float(records["switch"]["stream_images_batches_mean"]) == 15.0
 
 
