@@ -395,9 +395,10 @@ def summarize(runs: Sequence[Run]) -> Summary:
 
 
 def _stats_by_key(values: Sequence[Mapping[str, float]]) -> dict[str, Stat]:
-    """Mean ± std per key over the runs that have it."""
+    """Mean ± std per key over the runs that have a finite value for it (a NaN, e.g. an accuracy over no
+    samples, is left out rather than spread over the row)."""
     keys = sorted({k for v in values for k in v})
-    stats = {k: Stat.of(v.get(k) for v in values) for k in keys}
+    stats = {k: Stat.of(x if x is not None and math.isfinite(x) else None for x in (v.get(k) for v in values)) for k in keys}
     return {k: stat for k, stat in stats.items() if stat is not None}
 
 
@@ -555,7 +556,8 @@ def write_csv(summary: Summary, path: Path) -> None:
             record.update(_stat_fields(name, getattr(row, name)))
         for attribute in ("other_test_metrics", "stream_costs"):
             for key in sorted({k for r in summary.rows for k in getattr(r, attribute)}):
-                record.update(_stat_fields(key.replace("/", "_"), getattr(row, attribute).get(key)))
+                # The key as logged ("test/aux/spearman"): its slash keeps it apart from the main columns.
+                record.update(_stat_fields(key, getattr(row, attribute).get(key)))
         record["reached_target"] = row.reached_target if row.target is not None else ""
         record["target_val_acc"] = "" if row.target is None else row.target
         record["stl_flops"] = "" if row.baseline_flops is None else row.baseline_flops

@@ -13,7 +13,8 @@ through the encoder per task on a measuring step.
 
 On the test sentences it also reports each auxiliary head (the paper's Table 3 "aux loss"), for every strategy,
 also those that never trained the head: ``test/aux/domain_acc`` and ``test/aux/mlm_loss``/``mlm_acc``, the
-masked-LM cross-entropy and accuracy at positions masked with a fixed seed, the same for every run. A head whose
+masked-LM cross-entropy and accuracy at positions masked with a fixed seed, the same for every run with the same
+number of processes (under DDP each rank masks its own share of the sentences with the same seed). A head whose
 weights were released (``release_heads=True``) is not evaluated.
 """
 
@@ -158,6 +159,8 @@ class TextTransformerModel(TextTaskModel):
             logits = self.heads["mlm"](self.encode(masked)[chosen]).float()
             target = tokens[chosen]
             n = int(chosen.sum())
+            if n == 0:  # a batch of padding only: nothing to predict
+                return
             self.test_mlm_loss.update(F.cross_entropy(logits, target), weight=n)
             self.test_mlm_acc.update((logits.argmax(-1) == target).float().mean(), weight=n)
             self.log("test/aux/mlm_loss", self.test_mlm_loss, batch_size=n, **kw)
