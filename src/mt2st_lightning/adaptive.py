@@ -57,6 +57,32 @@ def inverse_variance_weights(variances: Tensor, budget: float = 1.0, eps: float 
     return _normalise(1.0 / (variances.clamp_min(0) + eps), budget)
 
 
+def _measurable(inputs: Sequence[Tensor], what: str) -> list[Tensor]:
+    """The inputs that take gradients; an error if there are none."""
+    inputs = [x for x in inputs if x.requires_grad]
+    if not inputs:
+        raise ValueError(f"no {what} that require grad to measure task gradients on")
+    return inputs
+
+
+def _task_gradient(loss: Tensor, inputs: Sequence[Tensor], name: str | None, what: str) -> list[Tensor | None] | None:
+    """``d loss / d inputs`` (detached, float32; ``None`` for an input the loss does not reach), with the graph
+    retained and ``.grad`` untouched; ``None`` when the loss takes no gradient at all (it does not require grad,
+    or, without a ``name``, reaches no input). With a ``name``, a loss that requires grad but reaches no input is
+    an error naming its task."""
+    if not loss.requires_grad:
+        return None
+    raw = torch.autograd.grad(loss.float(), inputs, retain_graph=True, allow_unused=True)
+    if all(g is None for g in raw):
+        if name is not None:
+            raise ValueError(
+                f"the loss of task {name!r} does not depend on the {what} it is measured on; pass the tensor "
+                "the heads were applied to, not a detached copy"
+            )
+        return None
+    return [None if g is None else g.detach().float() for g in raw]
+
+
 def squared_grad_norms(
     losses: Sequence[Tensor],
     inputs: Sequence[Tensor],
@@ -74,23 +100,13 @@ def squared_grad_norms(
     any input is an error naming its task (a detached ``h``, a head applied to something else). ``reduce``
     averages the result over ranks, so that every rank derives the same weights.
     """
-    inputs = [x for x in inputs if x.requires_grad]
-    if not inputs:
-        raise ValueError(f"no {what} that require grad to measure task gradients on")
+    inputs = _measurable(inputs, what)
     out = []
     for i, loss in enumerate(losses):
-        if not loss.requires_grad:
-            out.append(loss.new_zeros((), dtype=torch.float32))
-            continue
         # One call per task: each one runs that task's own part of the graph only. A single batched call
         # (is_grads_batched) would run every task's part once per task.
-        grads = torch.autograd.grad(loss.float(), inputs, retain_graph=True, allow_unused=True)
-        sq = [g.detach().float().pow(2).sum() for g in grads if g is not None]
-        if not sq and names is not None:
-            raise ValueError(
-                f"the loss of task {names[i]!r} does not depend on the {what} it is measured on; pass the "
-                "tensor the heads were applied to, not a detached copy"
-            )
+        grads = _task_gradient(loss, inputs, names[i] if names is not None else None, what)
+        sq = [g.pow(2).sum() for g in grads or () if g is not None]
         out.append(torch.stack(sq).sum() if sq else loss.new_zeros((), dtype=torch.float32))
     norms = torch.stack(out)
     return reduce(norms) if reduce is not None else norms
@@ -120,24 +136,12 @@ def gradient_alignment(
     has a zero gradient; with ``names``, one that requires grad but does not reach ``inputs`` is an error
     naming its task.
     """
-    inputs = [x for x in inputs if x.requires_grad]
-    if not inputs:
-        raise ValueError(f"no {what} that require grad to measure task gradients on")
+    inputs = _measurable(inputs, what)
     zero = torch.zeros((), dtype=torch.float32, device=inputs[0].device)
     first: list[Tensor | None] | None = None
     columns = []
     for i, loss in enumerate(losses):
-        grads: list[Tensor | None] | None = None
-        if loss.requires_grad:
-            raw = torch.autograd.grad(loss.float(), inputs, retain_graph=True, allow_unused=True)
-            grads = [None if g is None else g.detach().float() for g in raw]
-            if all(g is None for g in grads):
-                if names is not None:
-                    raise ValueError(
-                        f"the loss of task {names[i]!r} does not depend on the {what} it is measured on; pass "
-                        "the tensor the heads were applied to, not a detached copy"
-                    )
-                grads = None
+        grads = _task_gradient(loss, inputs, names[i] if names is not None else None, what)
         if i == 0:
             first = grads
         pairs = [(a, b) for a, b in zip(first or (), grads or ()) if a is not None and b is not None]
