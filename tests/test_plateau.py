@@ -273,7 +273,7 @@ def test_bad_parameters_fail_at_construction(kwargs, match):
         ({"max_step": 100}, 100.0, "max_step resolves to step 100, at or beyond the run's end"),
         ({"max_step": 0.5}, None, "max_step=0.5 is a fraction of the run, but the run's length is unknown"),
         ({"min_step": 0.9, "max_step": 50}, 100.0, "min_step resolves to step 90, after max_step"),
-        ({"gamma0": {"recon": 1.0}}, 100.0, r"gamma0 gives no value for auxiliary task\(s\) \['parity'\]"),
+        ({"gamma0": {"recon": 1.0}}, 100.0, r"gamma0 gives no value for auxiliary task 'parity'"),
         (
             {"gamma0": {"recon": 1.0, "parity": 1.0, "edges": 1.0}},
             100.0,

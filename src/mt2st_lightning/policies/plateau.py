@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from mt2st_lightning.policies.base import Policy, Reducer
+from mt2st_lightning.policies.scheduled import task_gamma0
 
 __all__ = ["PlateauSwitch"]
 
@@ -268,13 +269,5 @@ def _check_gamma0(gamma0: Any) -> None:
 
 
 def _per_task_gamma0(gamma0: float | Mapping[str, float], tasks: Sequence[str]) -> dict[str, float]:
-    if not isinstance(gamma0, Mapping):
-        return {task: float(gamma0) for task in tasks}
-    unknown, missing = sorted(set(gamma0) - set(tasks)), sorted(set(tasks) - set(gamma0))
-    if unknown:
-        raise ValueError(f"gamma0 names unknown auxiliary task(s) {unknown}; the tasks are {list(tasks)}")
-    if missing:
-        raise ValueError(
-            f"gamma0 gives no value for auxiliary task(s) {missing}; give one for each of {list(tasks)}"
-        )
-    return {task: float(gamma0[task]) for task in tasks}
+    """Each task's weight before the switch, read as the scheduled strategies read ``gamma0``."""
+    return {task: float(task_gamma0(task, tasks, {"gamma0": gamma0})) for task in tasks}

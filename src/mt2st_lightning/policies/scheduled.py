@@ -38,7 +38,8 @@ def _per_task(name: str, value: Param, task: str, tasks: Sequence[str]) -> float
     return as_number(value)
 
 
-def _gamma0(task: str, tasks: Sequence[str], params: Mapping[str, Param]) -> float | int:
+def task_gamma0(task: str, tasks: Sequence[str], params: Mapping[str, Param]) -> float | int:
+    """``task``'s weight before its schedule acts, from ``params["gamma0"]`` (one value, or one per task)."""
     value = _per_task("gamma0", params.get("gamma0", 1.0), task, tasks)
     _check_finite_non_negative("gamma0", value)  # named as the user named it, not "Constant.value"
     return value
@@ -49,12 +50,12 @@ def _stl(task: str, tasks: Sequence[str], params: Mapping[str, Param]) -> Schedu
 
 
 def _mtl(task: str, tasks: Sequence[str], params: Mapping[str, Param]) -> Schedule:
-    return Constant(_gamma0(task, tasks, params))
+    return Constant(task_gamma0(task, tasks, params))
 
 
 def _diminish(task: str, tasks: Sequence[str], params: Mapping[str, Param]) -> Schedule:
     return Diminish(
-        gamma0=_gamma0(task, tasks, params),
+        gamma0=task_gamma0(task, tasks, params),
         **{
             name: _per_task(name, params.get(name, default), task, tasks)
             for name, default in (("eta", 0.01), ("nu", 1.0), ("prune_below", None))
@@ -66,13 +67,13 @@ def _switch(task: str, tasks: Sequence[str], params: Mapping[str, Param]) -> Sch
     at = _per_task("switch_at", params.get("switch_at"), task, tasks)
     if at is None:
         raise ValueError("strategy='switch' needs switch_at: an int step (or epoch) or a fraction in (0, 1)")
-    return Switch(at=at, gamma0=_gamma0(task, tasks, params))
+    return Switch(at=at, gamma0=task_gamma0(task, tasks, params))
 
 
 def envelope(task: str, tasks: Sequence[str], params: Mapping[str, Param]) -> Schedule:
     """The adaptive strategies' envelope: ``Switch(switch_at, gamma0)`` if ``switch_at`` is given, else
     ``Constant(gamma0)``."""
-    g0 = _gamma0(task, tasks, params)
+    g0 = task_gamma0(task, tasks, params)
     at = _per_task("switch_at", params.get("switch_at"), task, tasks)
     return Constant(g0) if at is None else Switch(at=at, gamma0=g0)
 
