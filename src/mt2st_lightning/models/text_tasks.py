@@ -122,8 +122,10 @@ class TextTaskModel(MT2STMixin, pl.LightningModule):
         else:
             raise ValueError(f"an evaluation batch must hold tokens, score or d; got {sorted(batch)}")
 
-    def _evaluate_primary(self, batch: Mapping[str, Tensor], stage: str) -> None:
-        logits = self.primary_logits(batch["tokens"])
+    def _evaluate_primary(self, batch: Mapping[str, Tensor], stage: str, logits: Tensor | None = None) -> None:
+        """The primary task's metrics; ``logits``, when a subclass has already computed them for the batch."""
+        if logits is None:
+            logits = self.primary_logits(batch["tokens"])
         target = batch[self.primary_task]
         n = target.shape[0]
         metric, samples, mean_loss = (getattr(self, f"{stage}_{k}") for k in ("metric", "samples", "loss"))

@@ -140,27 +140,32 @@ class TextTransformerModel(TextTaskModel):
     def on_test_epoch_start(self) -> None:
         self.__dict__["test_mask_generator"] = torch.Generator().manual_seed(TEST_MASK_SEED)
 
-    def _evaluate_primary(self, batch: Mapping[str, Tensor], stage: str) -> None:
-        super()._evaluate_primary(batch, stage)
-        if stage == "test":
-            self._evaluate_auxiliary_heads(batch)
+    def _evaluate_primary(self, batch: Mapping[str, Tensor], stage: str, logits: Tensor | None = None) -> None:
+        if stage != "test":
+            super()._evaluate_primary(batch, stage, logits)
+            return
+        # One encoder pass serves the primary head and the domain head, as in training.
+        tokens = batch["tokens"]
+        pooled = self.pool(self.encode(tokens), tokens)
+        super()._evaluate_primary(batch, stage, self.heads[self.primary_task](pooled))
+        self._evaluate_auxiliary_heads(batch, pooled)
 
-    def _evaluate_auxiliary_heads(self, batch: Mapping[str, Tensor]) -> None:
+    def _evaluate_auxiliary_heads(self, batch: Mapping[str, Tensor], pooled: Tensor) -> None:
         tokens = batch["tokens"]
         kw = dict(on_step=False, on_epoch=True, add_dataloader_idx=False)
         usable = set(self.heads) - set(self.released_tasks)
         if "domain" in usable and "domain" in batch:
-            logits = self.heads["domain"](self.pool(self.encode(tokens), tokens))
+            logits = self.heads["domain"](pooled)
             self.test_domain_acc(logits.argmax(-1), batch["domain"])
             self.log("test/aux/domain_acc", self.test_domain_acc, batch_size=len(tokens), **kw)
         if "mlm" in usable:
             generator = self.test_mask_generator or torch.Generator().manual_seed(TEST_MASK_SEED)
             masked, chosen = self.mask_tokens(tokens, generator)
-            logits = self.heads["mlm"](self.encode(masked)[chosen]).float()
-            target = tokens[chosen]
             n = int(chosen.sum())
             if n == 0:  # a batch of padding only: nothing to predict
                 return
+            logits = self.heads["mlm"](self.encode(masked)[chosen]).float()
+            target = tokens[chosen]
             self.test_mlm_loss.update(F.cross_entropy(logits, target), weight=n)
             self.test_mlm_acc.update((logits.argmax(-1) == target).float().mean(), weight=n)
             self.log("test/aux/mlm_loss", self.test_mlm_loss, batch_size=n, **kw)
