@@ -40,6 +40,11 @@ def compose_train(*overrides: str, hydra_config: bool = False) -> DictConfig:
         return compose("train", overrides=list(overrides), return_hydra_config=hydra_config)
 
 
+def fast_dev_run(output_dir: Path, *overrides: str) -> dict:
+    """``mt2st-train <overrides> trainer.fast_dev_run=true`` in-process, writing into ``output_dir``: its summary."""
+    return train(compose_train(*overrides, f"paths.output_dir={output_dir}", "trainer.fast_dev_run=true", "progress=none"))
+
+
 def run_cli(
     *args: str, cwd: Path, timeout: float = 300, module: str = "mt2st_lightning.train", warnings: bool = False
 ) -> subprocess.CompletedProcess:

@@ -11,14 +11,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hydra import compose, initialize_config_dir
 
 from mt2st_lightning.data import DigitsDataModule
 from mt2st_lightning.data.diffusion import DiffusionDataModule
 from mt2st_lightning.data.fashion_mnist import DEFAULT_ROOT
 from mt2st_lightning.models.ddpm import DDPMModel, Denoiser, cosine_alpha_bar
 from mt2st_lightning.models.frechet import ClassifierFeatures, classifier_frechet_distance, fit_feature_classifier
-from mt2st_lightning.train import CONFIG_DIR, train
+from tests.test_app import fast_dev_run
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 
@@ -136,18 +135,9 @@ def test_feature_classifier_learns_digits_without_touching_the_callers_random_st
 
 
 # ---------------------------------------------------------------------------------------------- presets
-def _fast_dev_run(tmp_path: Path, *overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[*overrides, f"paths.output_dir={tmp_path}", "trainer.fast_dev_run=true", "progress=none"],
-        )
-    return train(cfg)
-
-
 @pytest.mark.slow
 def test_paper_diffusion_runs_one_batch_from_a_fresh_folder(tmp_path):
-    summary = _fast_dev_run(  # no Switch envelope: the auxiliary heads run in the one step
+    summary = fast_dev_run(  # no Switch envelope: the auxiliary heads run in the one step
         tmp_path / "run", "experiment=paper_diffusion", "strategy=noise", "strategy.switch_at=null", "model.sample_count=20"
     )
     assert summary["total_steps"] == 1 and summary["auxiliary_tasks"] == ["recon", "class"]
@@ -164,7 +154,7 @@ def test_paper_diffusion_runs_one_batch_from_a_fresh_folder(tmp_path):
     reason="Fashion-MNIST is not installed: sudo apt-get install dataset-fashion-mnist",
 )
 def test_paper_diffusion_gpu_builds_and_runs_one_batch_on_the_cpu(tmp_path):
-    summary = _fast_dev_run(
+    summary = fast_dev_run(
         tmp_path / "run", "experiment=paper_diffusion_gpu", "strategy=conflict", "trainer.accelerator=cpu",
         "data.images.batch_size=8", "data.images.num_workers=0", "model.sample_count=4", "model.timesteps=20",
         "model.classifier_epochs=1", "data.images.limit=2000",

@@ -10,7 +10,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from mt2st_lightning.data.text import data_dir
-from mt2st_lightning.train import CONFIG_DIR, train
+from mt2st_lightning.train import CONFIG_DIR
+from tests.test_app import fast_dev_run
 
 SENTENCES = data_dir() / "hutto_ICWSM_2014" / "tweets_GroundTruth.txt"
 INSTALL = "bash experiments/setup_data.sh"
@@ -25,12 +26,7 @@ INSTALL = "bash experiments/setup_data.sh"
 def test_preset_runs_one_batch_from_a_fresh_folder(tmp_path, preset, adaptive, aux):
     pytest.importorskip("gensim", reason=f"needs gensim: {INSTALL}")
     out = tmp_path / "run"
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[
-            f"experiment={preset}", f"strategy={adaptive}", "strategy.switch_at=null", "trainer.fast_dev_run=true",
-            f"paths.output_dir={out}", "progress=none",
-        ])
-    summary = train(cfg)
+    summary = fast_dev_run(out, f"experiment={preset}", f"strategy={adaptive}", "strategy.switch_at=null")
     assert summary["strategy"] == adaptive and summary["auxiliary_tasks"] == aux
     assert summary["total_steps"] == 1 and summary["train_flops"] > 0
     (phase,) = summary["phases"]

@@ -21,7 +21,8 @@ from mt2st_lightning.data.vision import FashionMNISTVisionDataModule
 from mt2st_lightning.models.contrastive import nt_xent
 from mt2st_lightning.models.resnet import ResNetEncoder
 from mt2st_lightning.models.vision import VisionMultiTaskModel
-from mt2st_lightning.train import CONFIG_DIR, train
+from mt2st_lightning.train import CONFIG_DIR
+from tests.test_app import fast_dev_run
 
 # Training steps called directly (without a Trainer) log nothing; Lightning warns about that.
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
@@ -187,15 +188,6 @@ def test_low_label_stream_stops_loading_after_the_switch(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- presets
-def _fast_dev_run(tmp_path: Path, *overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[*overrides, f"paths.output_dir={tmp_path}", "trainer.fast_dev_run=true", "progress=none"],
-        )
-    return train(cfg)
-
-
 @needs_data
 @pytest.mark.slow
 @pytest.mark.parametrize(
@@ -211,7 +203,7 @@ def _fast_dev_run(tmp_path: Path, *overrides: str) -> dict:
     ids=["paper_vision", "paper_vision_low_label", "paper_vision_gpu"],
 )
 def test_vision_presets_run_one_batch_from_a_fresh_folder(tmp_path, overrides):
-    summary = _fast_dev_run(tmp_path / "run", *overrides)
+    summary = fast_dev_run(tmp_path / "run", *overrides)
     assert summary["total_steps"] == 1
     assert summary["auxiliary_tasks"] == ["edges", "contrast"]
     assert 0 <= summary["test_primary_metric"] <= 1
