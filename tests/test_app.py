@@ -257,6 +257,7 @@ def test_train_writes_and_returns_the_run_summary(tmp_path):
 
     assert json.loads((tmp_path / "run_summary.json").read_text()) == summary
     assert (summary["strategy"], summary["label"], summary["seed"]) == ("switch", "switch", 0)
+    assert summary["primary_metric_name"] == "accuracy"  # the model names no other
     assert summary["total_steps"] == 8 and summary["planned_total"] == 8
     assert summary["drop_times"] == {task: 2 for task in AUX}  # switch_at 0.3 of 8 steps
     phases = summary["phases"]

@@ -144,6 +144,7 @@ def test_paper_diffusion_runs_one_batch_from_a_fresh_folder(tmp_path):
     assert summary["drop_times"] == {}
     metrics = summary["test_metrics"]
     assert summary["test_primary_metric"] == pytest.approx(-metrics["test/denoise_loss"])
+    assert summary["primary_metric_name"] == "negative denoising loss"
     assert metrics["test/frechet_classifier_distance"] > 0
     assert (tmp_path / "run" / "run_summary.json").is_file()
 

@@ -32,6 +32,7 @@ def write_run(
     absolute_csv: bool = False,
     test_metrics: dict[str, float] | None = None,
     stream_costs: dict[str, float] | None = None,
+    metric_name: str | None = None,
 ) -> Path:
     """A run folder as mt2st-train writes it. ``val``: (step, val accuracy, cumulative FLOPs, cumulative
     time) per validation; ``weights``: step -> the auxiliary weight logged then."""
@@ -72,6 +73,7 @@ def write_run(
         "mt2st_unit": unit,
         "metrics_csv": str((run / "csv" / "metrics.csv").resolve()) if absolute_csv else "csv/metrics.csv",
         "stream_costs": stream_costs or {},
+        **({"primary_metric_name": metric_name} if metric_name else {}),
         "test_metrics": {"test/primary_metric": test_acc, "test/loss": 0.5, "test/samples": 100.0, **(test_metrics or {})},
     }
     (run / "run_summary.json").write_text(json.dumps(summary))
@@ -475,3 +477,35 @@ def test_stream_costs_of_older_summaries_come_from_the_metrics(tmp_path):
     assert older.stream_costs == {"stream/images/batches": 8.0}  # the last logged cumulative count
     newer = Run(tmp_path, {"strategy": "switch", "stream_costs": {}}, rows)
     assert newer.stream_costs == {}  # the summary's own record wins
+
+
+def test_a_named_primary_metric_names_the_columns_the_target_and_the_plots(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    val = [(9, -0.5, 500, 1.0), (19, -0.25, 1000, 2.0)]
+    for seed in (0, 1):
+        write_run(tmp_path, f"s{seed}", strategy="stl", seed=seed, flops=100, val=val, metric_name="negative loss",
+                  weights={0: 0.0, 10: 0.0})
+    labels: list[list[str]] = []
+    save = Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        labels.append([ax.get_ylabel() for ax in fig.axes])
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    summary = summarize(collect_runs(tmp_path))
+    assert summary.metric == "negative loss"
+    text = write_report(tmp_path).markdown_path.read_text()
+    assert "| test negative loss (x100) | best val negative loss (x100) |" in text and "acc (%)" not in text
+    assert "Target = -25.0 x100 val negative loss" in text
+    assert "validation negative loss of 'digit' (x100)" in labels[0]
+
+    write_run(tmp_path, "older", strategy="mtl", seed=0, flops=100, val=val)  # no name: accuracy
+    assert summarize(collect_runs(tmp_path)).metric == "primary metric"  # runs that disagree are not named
+
+
+def test_runs_without_a_metric_name_are_accuracy(sweep):
+    summary = summarize(collect_runs(sweep))
+    assert summary.metric == "accuracy"
+    assert "| test acc (%) | best val acc (%) |" in markdown_table(summary)

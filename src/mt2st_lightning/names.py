@@ -13,6 +13,7 @@ __all__ = [
     "COST_FLOPS_PER_BATCH",
     "COST_TIME",
     "COST_TIME_AT_VAL",
+    "DEFAULT_PRIMARY_METRIC_NAME",
     "STREAM_PREFIX",
     "SWITCH_STEP_PREFIX",
     "TEST_PRIMARY_METRIC",
@@ -36,6 +37,9 @@ TRAIN_LOSS = "train/loss"
 VAL_LOSS = "val/loss"
 VAL_PRIMARY_METRIC = "val/primary_metric"
 TEST_PRIMARY_METRIC = "test/primary_metric"
+#: What ``primary_metric`` measures unless the model's ``primary_metric_name`` says otherwise (e.g. the diffusion
+#: model's negative denoising loss); the report names its columns and plots after it.
+DEFAULT_PRIMARY_METRIC_NAME = "accuracy"
 
 #: ``stream/<name>/{batches,samples,load_time_s,skipped}``: what an auxiliary task's own data stream loaded so
 #: far in the fit (``data.streams.stream_costs``, logged by the models that train on such streams).

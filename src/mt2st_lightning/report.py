@@ -36,6 +36,7 @@ from typing import Any
 
 from mt2st_lightning.names import (
     COST_FLOPS,
+    DEFAULT_PRIMARY_METRIC_NAME,
     STREAM_PREFIX,
     WEIGHT_PREFIX,
     task_loss,
@@ -107,6 +108,11 @@ class Run:
     def settings(self) -> dict[str, Any]:
         """What changes the result besides label and seed (empty for summaries written before it existed)."""
         return self.summary.get("settings") or {}
+
+    @property
+    def metric_name(self) -> str:
+        """What ``primary_metric`` measures (the model's ``primary_metric_name``; accuracy for older runs)."""
+        return str(self.summary.get("primary_metric_name") or DEFAULT_PRIMARY_METRIC_NAME)
 
     @property
     def val_rows(self) -> list[dict[str, float]]:
@@ -335,6 +341,11 @@ class Summary:
     target: float | None  # the STL runs' mean final validation accuracy
     stl_flops: float | None  # the STL runs' mean training FLOPs: the compression baseline
     messages: list[str] = field(default_factory=list)  # how unlike runs were kept apart
+    metric: str = DEFAULT_PRIMARY_METRIC_NAME  # what the runs' primary metric measures ("primary metric" if they disagree)
+
+    @property
+    def metric_unit(self) -> str:
+        return metric_unit(self.metric)
 
 
 # Runs of another strategy compare against the STL runs that share these settings, not their strategy's.
@@ -391,7 +402,18 @@ def summarize(runs: Sequence[Run]) -> Summary:
             "Rows of different settings have different STL runs to compare with: each row's compression and "
             "target are against the STL runs of its own settings (summary.csv: target_val_acc, stl_flops)."
         )
-    return Summary(rows, target, stl_flops, messages)
+    return Summary(rows, target, stl_flops, messages, metric_name(runs))
+
+
+def metric_unit(metric: str) -> str:
+    """How a primary metric is shown: an accuracy in %, anything else x 100 (the table prints every one x 100)."""
+    return "%" if metric == DEFAULT_PRIMARY_METRIC_NAME else "x100"
+
+
+def metric_name(runs: Iterable[Run]) -> str:
+    """The primary metric's name shared by ``runs``; ``"primary metric"`` when they name different ones."""
+    names = {run.metric_name for run in runs}
+    return names.pop() if len(names) == 1 else "primary metric"
 
 
 def _stats_by_key(values: Sequence[Mapping[str, float]]) -> dict[str, Stat]:
@@ -443,7 +465,7 @@ def _to_target(stat: Stat | None, row: Row, fmt: Any) -> str:
 COLUMNS = (
     "strategy",
     "runs",
-    "test acc (%)",
+    "test acc (%)",  # for another primary metric: "test <name> (x100)", see columns()
     "best val acc (%)",
     "wall time (s)",
     "train time (s)",
@@ -455,9 +477,18 @@ COLUMNS = (
 )
 
 
+def columns(summary: Summary) -> tuple[str, ...]:
+    """The table's headers, the primary metric's named for what it measures."""
+    if summary.metric == DEFAULT_PRIMARY_METRIC_NAME:
+        return COLUMNS
+    metric = f"{summary.metric} ({summary.metric_unit})"
+    return (*COLUMNS[:2], f"test {metric}", f"best val {metric}", *COLUMNS[4:])
+
+
 def markdown_table(summary: Summary) -> str:
     """The per-strategy table, as Markdown."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    headers = columns(summary)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in summary.rows:
         cells = [
             row.label,
@@ -513,7 +544,8 @@ def table_notes(summary: Summary) -> str:
         )
     if summary.target is not None:
         notes.append(
-            f"Target = {_percent(summary.target)} % val accuracy (the STL runs' mean final value); time and "
+            f"Target = {_percent(summary.target)} {summary.metric_unit} val {summary.metric} (the STL runs' mean "
+            "final value); time and "
             "FLOPs to target are cumulative training cost at the first validation that reaches it."
         )
     rising = [row for row in summary.rows if row.strategy == "stl" and row.rising_at_end]
@@ -651,6 +683,8 @@ def plot_curves(runs: Sequence[Run], out_dir: Path) -> list[Path]:
     if not groups or primary is None:
         return []
     loss = task_loss(primary)
+    metric = metric_name(runs)
+    unit = metric_unit(metric)
     paths = []
     axes_spec = {
         "step": ("step", "step", 1.0, "training step (optimizer steps)"),
@@ -660,7 +694,7 @@ def plot_curves(runs: Sequence[Run], out_dir: Path) -> list[Path]:
         fig, axes = _figure(1, 2, height=4.2)
         panels = (
             (axes[0][0], loss, train_x, 1.0, f"training loss of '{primary}' (log scale)"),
-            (axes[0][1], VAL_METRIC, val_x, 100.0, f"validation accuracy of '{primary}' (%)"),
+            (axes[0][1], VAL_METRIC, val_x, 100.0, f"validation {metric} of '{primary}' ({unit})"),
         )
         handles, labels = [], []
         for panel, (ax, y, x, y_scale, ylabel) in enumerate(panels):
@@ -683,7 +717,7 @@ def plot_curves(runs: Sequence[Run], out_dir: Path) -> list[Path]:
             ax.grid(alpha=0.3)
         axes[0][0].set_yscale("log")
         axes[0][0].set_title("Primary task: training loss", fontsize=10)
-        axes[0][1].set_title("Primary task: validation accuracy", fontsize=10)
+        axes[0][1].set_title(f"Primary task: validation {metric}", fontsize=10)
         if any(_drop_points(g, axis) for g in groups):
             handles.append(_drop_handle())
             labels.append("auxiliary heads dropped (dotted, in the row's colour)")

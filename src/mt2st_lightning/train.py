@@ -36,7 +36,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from mt2st_lightning.callback import MT2STCallback
 from mt2st_lightning.flops import PhaseCostMeter
 from mt2st_lightning.heads import relaunches_script
-from mt2st_lightning.names import STREAM_PREFIX, TEST_PRIMARY_METRIC, VAL_PRIMARY_METRIC
+from mt2st_lightning.names import (
+    DEFAULT_PRIMARY_METRIC_NAME,
+    STREAM_PREFIX,
+    TEST_PRIMARY_METRIC,
+    VAL_PRIMARY_METRIC,
+)
 from mt2st_lightning.progress import EpochLines
 from mt2st_lightning.report import RESUME_POINTER_FILE, SUMMARY_FILE, read_metrics
 
@@ -350,6 +355,8 @@ def _fit_summary(
         "strategy": mt2st.strategy,
         "seed": int(cfg.seed),
         "primary_task": model.primary_task,
+        # What primary_metric measures, for the report's headers and plots (accuracy unless the model says).
+        "primary_metric_name": str(getattr(model, "primary_metric_name", DEFAULT_PRIMARY_METRIC_NAME)),
         "auxiliary_tasks": list(model.auxiliary_tasks),
         "best_val_primary_metric": best_val,
         # Training batches only, on this process (rank 0 under DDP): the cost MT2ST changes.

@@ -104,6 +104,9 @@ class DDPMModel(MT2STMixin, pl.LightningModule):
     training split, with its own fixed seed (identical for every run).
     """
 
+    #: ``primary_metric`` is minus the denoising loss (higher is better), and the report says so.
+    primary_metric_name = "negative denoising loss"
+
     def __init__(
         self,
         denoiser: nn.Module,
