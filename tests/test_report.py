@@ -498,8 +498,8 @@ def test_a_named_primary_metric_names_the_columns_the_target_and_the_plots(tmp_p
     assert summary.metric == "negative loss"
     text = write_report(tmp_path).markdown_path.read_text()
     assert "| test negative loss (x100) | best val negative loss (x100) |" in text and "acc (%)" not in text
-    assert "Target = -25.0 x100 val negative loss" in text
-    assert "validation negative loss of 'digit' (x100)" in labels[0]
+    assert "Target = -25.0 (x100) val negative loss" in text
+    assert "validation negative loss of 'digit' (x100)" in [" ".join(label.split()) for label in labels[0]]
 
     write_run(tmp_path, "older", strategy="mtl", seed=0, flops=100, val=val)  # no name: accuracy
     assert summarize(collect_runs(tmp_path)).metric == "primary metric"  # runs that disagree are not named

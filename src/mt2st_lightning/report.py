@@ -29,6 +29,7 @@ import csv
 import json
 import math
 import statistics
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -543,10 +544,10 @@ def table_notes(summary: Summary) -> str:
             f"Compression = 1 - FLOPs / {_si(summary.stl_flops)}FLOPs (the STL runs' mean training FLOPs)."
         )
     if summary.target is not None:
+        unit = "%" if summary.metric_unit == "%" else f"({summary.metric_unit})"
         notes.append(
-            f"Target = {_percent(summary.target)} {summary.metric_unit} val {summary.metric} (the STL runs' mean "
-            "final value); time and "
-            "FLOPs to target are cumulative training cost at the first validation that reaches it."
+            f"Target = {_percent(summary.target)} {unit} val {summary.metric} (the STL runs' mean final value); "
+            "time and FLOPs to target are cumulative training cost at the first validation that reaches it."
         )
     rising = [row for row in summary.rows if row.strategy == "stl" and row.rising_at_end]
     for row in rising:
@@ -694,7 +695,8 @@ def plot_curves(runs: Sequence[Run], out_dir: Path) -> list[Path]:
         fig, axes = _figure(1, 2, height=4.2)
         panels = (
             (axes[0][0], loss, train_x, 1.0, f"training loss of '{primary}' (log scale)"),
-            (axes[0][1], VAL_METRIC, val_x, 100.0, f"validation {metric} of '{primary}' ({unit})"),
+            # Wrapped: a long metric name (e.g. "negative denoising loss") would run off the figure.
+            (axes[0][1], VAL_METRIC, val_x, 100.0, textwrap.fill(f"validation {metric} of '{primary}' ({unit})", 36)),
         )
         handles, labels = [], []
         for panel, (ax, y, x, y_scale, ylabel) in enumerate(panels):
