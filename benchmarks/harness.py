@@ -29,8 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchmetrics import Accuracy, MeanSquaredError
 
 from mt2st_lightning import MT2STCallback
-from mt2st_lightning.data import DigitsDataModule
-from mt2st_lightning.models import MultiTaskModel
+from mt2st_lightning.examples.data import DigitsDataModule
+from mt2st_lightning.examples.models import MultiTaskModel
 
 from variants import ModelSpec, Variant, resolve_callback
 

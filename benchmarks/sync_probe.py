@@ -37,8 +37,8 @@ import torch
 TENSOR_METHODS = ("item", "__bool__", "__float__", "__int__", "__index__", "__complex__", "tolist", "numpy", "cpu")
 TORCH_FUNCTIONS = ("equal", "allclose", "is_nonzero")
 #: Modules of the package that are not the library (examples, the app, the cost meter).
-NOT_LIBRARY = ("mt2st_lightning.models", "mt2st_lightning.data", "mt2st_lightning.train", "mt2st_lightning.report",
-               "mt2st_lightning.flops", "mt2st_lightning.hydra_callbacks")
+NOT_LIBRARY = ("mt2st_lightning.examples.models", "mt2st_lightning.examples.data", "mt2st_lightning.app.train", "mt2st_lightning.report",
+               "mt2st_lightning.flops", "mt2st_lightning.app.hydra_callbacks")
 
 
 def _library_caller() -> str | None:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from mt2st_lightning.models import ConvEncoder, MLPEncoder, TransformerEncoder
+from mt2st_lightning.examples.models import ConvEncoder, MLPEncoder, TransformerEncoder
 
 
 # ============================================================================== model sizes

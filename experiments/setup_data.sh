@@ -5,7 +5,7 @@
 #   - the human-rated sentences of vaderSentiment's SOURCE distribution (additional_resources/
 #     hutto_ICWSM_2014.tar.gz, MIT licence; the wheel does not ship them), extracted to
 #     $MT2ST_DATA_DIR/hutto_ICWSM_2014 ($MT2ST_DATA_DIR defaults to ~/.cache/mt2st), where
-#     mt2st_lightning.data.text finds them;
+#     mt2st_lightning.examples.data.text finds them;
 #   - gensim word vectors (CBOW, skip-gram, FastText) for the paper_embeddings presets, trained once on the
 #     training sentences and cached in $MT2ST_DATA_DIR/vectors (the runs would train them on first use too).
 # Word similarity (WordSim-353, SimLex-999) and analogies (questions-words.txt) come with gensim's test data.
@@ -38,7 +38,7 @@ echo "rated sentences: $DATA_DIR/hutto_ICWSM_2014"
 
 # The word vectors of both embedding presets (CPU and GPU sizes), for all three initialisations.
 MT2ST_DATA_DIR="$DATA_DIR" python - <<'PY'
-from mt2st_lightning.data.text import EMBEDDING_INITS, SentimentTextDataModule
+from mt2st_lightning.examples.data.text import EMBEDDING_INITS, SentimentTextDataModule
 
 for limit, max_len, dim in ((4000, 32, 50), (None, 48, 100)):  # paper_embeddings, paper_embeddings_gpu
     for init in EMBEDDING_INITS:

@@ -13,7 +13,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from mt2st_lightning.report import write_report
-from mt2st_lightning.train import CONFIG_DIR, train
+from mt2st_lightning.app.train import CONFIG_DIR, train
 
 FRACTIONS = (0.1, 0.3, 0.5, 0.7)
 SEEDS = (0, 1, 2)

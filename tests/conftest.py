@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mt2st_lightning.data.image_tasks import DictDataset
-from mt2st_lightning.models import MLPEncoder, MultiTaskModel
+from mt2st_lightning.examples.data.image_tasks import DictDataset
+from mt2st_lightning.examples.models import MLPEncoder, MultiTaskModel
 
 TASKS = {
     "label": {"kind": "classification", "out_features": 3},

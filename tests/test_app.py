@@ -1,4 +1,4 @@
-"""The Hydra app (``conf/``, ``mt2st_lightning.train``): every config composes and builds, bad configs fail
+"""The Hydra app (``conf/``, ``mt2st_lightning.app.train``): every config composes and builds, bad configs fail
 with Hydra's errors before training, and training runs in-process, from the command line, as a sweep and
 under DDP."""
 
@@ -23,10 +23,10 @@ from hydra.errors import ConfigCompositionException, InstantiationException, Mis
 from omegaconf import DictConfig, OmegaConf
 
 from mt2st_lightning import MT2STCallback
-from mt2st_lightning.data import DigitsDataModule
+from mt2st_lightning.examples.data import DigitsDataModule
 from mt2st_lightning.flops import PhaseCostMeter
-from mt2st_lightning.models import MultiTaskModel
-from mt2st_lightning.train import CONFIG_DIR, instantiate_callbacks, train
+from mt2st_lightning.examples.models import MultiTaskModel
+from mt2st_lightning.app.train import CONFIG_DIR, instantiate_callbacks, train
 
 AUX = ["recon", "edges", "moments"]
 
@@ -46,7 +46,7 @@ def fast_dev_run(output_dir: Path, *overrides: str) -> dict:
 
 
 def run_cli(
-    *args: str, cwd: Path, timeout: float = 300, module: str = "mt2st_lightning.train", warnings: bool = False
+    *args: str, cwd: Path, timeout: float = 300, module: str = "mt2st_lightning.app.train", warnings: bool = False
 ) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
     if not warnings:
@@ -472,7 +472,7 @@ def test_off_a_terminal_progress_is_one_log_line_per_epoch_and_the_drop_is_in_tr
     output = result.stdout + result.stderr
     assert "\r" not in output and "it/s" not in output  # no bar redraws in a log file
     log_lines = (run / "train.log").read_text().splitlines()
-    epochs = [line for line in log_lines if "[mt2st_lightning.progress]" in line and " - epoch " in line]
+    epochs = [line for line in log_lines if "[mt2st_lightning.app.progress]" in line and " - epoch " in line]
     assert [line.split(" - ", 1)[1].split(":")[0] for line in epochs] == ["epoch 1/2, step 4/8", "epoch 2/2, step 8/8"]
     assert "val/primary_metric" in epochs[0]
     # Lightning's own lines (the MT2ST drop among them) reach train.log, each on a line of its own.
@@ -520,7 +520,7 @@ def test_step_checkpoints_keep_last_ckpt_within_a_few_steps_in_long_epochs(tmp_p
 
 @pytest.mark.parametrize(("terminal", "mode"), [(True, "bar"), (False, "epoch")])
 def test_auto_progress_is_the_bar_in_a_terminal_and_epoch_lines_elsewhere(monkeypatch, terminal, mode):
-    from mt2st_lightning import train as app
+    from mt2st_lightning.app import train as app
 
     monkeypatch.setattr(app.sys.stdout, "isatty", lambda: terminal)
     monkeypatch.setattr(app.sys.stderr, "isatty", lambda: terminal)
@@ -534,7 +534,7 @@ def test_the_seed_is_no_setting_at_any_depth_of_the_data_config():
     # (data.images.shuffle_seed: ${seed}) must not make every seed a setting of its own.
     from types import SimpleNamespace
 
-    from mt2st_lightning.train import run_settings
+    from mt2st_lightning.app.train import run_settings
 
     trainer = SimpleNamespace(precision="32-true", world_size=1)
     mt2st = SimpleNamespace(total=600.0, unit="step")

@@ -72,7 +72,7 @@ def test_release_heads_frees_their_weights_and_changes_nothing_else(tmp_path):
     trainer = toy_trainer(tmp_path, [], max_steps=1)
     trainer.strategy.connect(model)
     trainer.save_checkpoint(tmp_path / "released.ckpt")
-    from mt2st_lightning.models import MLPEncoder
+    from mt2st_lightning.examples.models import MLPEncoder
 
     loaded = type(model).load_from_checkpoint(tmp_path / "released.ckpt", encoder=MLPEncoder(in_features=16, hidden=32))
     assert loaded.dropped_tasks == frozenset(AUX)
@@ -199,7 +199,7 @@ class ManualModel(type(toy_model())):
 
 def _manual_model(**kwargs):
     pl.seed_everything(0)
-    from mt2st_lightning.models import MLPEncoder
+    from mt2st_lightning.examples.models import MLPEncoder
     from tests.conftest import TASKS
 
     return ManualModel(MLPEncoder(in_features=16, hidden=32), TASKS, primary="label", head_hidden=8, **kwargs)
@@ -321,7 +321,7 @@ def test_ddp_communication_hooks_are_refused():
 
 
 def test_tied_auxiliary_head_is_refused():
-    from mt2st_lightning.models import MLPEncoder, MultiTaskModel
+    from mt2st_lightning.examples.models import MLPEncoder, MultiTaskModel
     from tests.conftest import TASKS
 
     class Tied(MultiTaskModel):
@@ -377,7 +377,7 @@ def test_single_task_export_loads_without_aux_heads(tmp_path):
     assert path.exists()
     checkpoint = torch.load(path, weights_only=False)
     assert not any(k.startswith(("heads.recon", "heads.parity")) for k in checkpoint["state_dict"])
-    from mt2st_lightning.models import MLPEncoder
+    from mt2st_lightning.examples.models import MLPEncoder
 
     loaded = type(model).load_from_checkpoint(path, encoder=MLPEncoder(in_features=16, hidden=32), strict=False)
     assert loaded.active_tasks == ("label",)
@@ -447,7 +447,7 @@ class Bypass(type(toy_model())):
 
 def _bypass(how):
     pl.seed_everything(0)
-    from mt2st_lightning.models import MLPEncoder
+    from mt2st_lightning.examples.models import MLPEncoder
     from tests.conftest import TASKS
 
     model = Bypass(MLPEncoder(in_features=16, hidden=32), TASKS, primary="label", head_hidden=8)

@@ -111,7 +111,7 @@ def test_fp16_measurement_uses_the_loss_scale(tmp_path):
     from lightning.pytorch.plugins import MixedPrecision
 
     pl.seed_everything(0)
-    from mt2st_lightning.models import MLPEncoder
+    from mt2st_lightning.examples.models import MLPEncoder
 
     model = TinyAuxLoss(MLPEncoder(in_features=16, hidden=32, depth=2), TASKS, primary="label", head_hidden=8)
     callback = MT2STCallback("fisher", adapt_every=1)
@@ -160,7 +160,7 @@ def test_a_skipped_nan_step_does_not_poison_noise(tmp_path):
     # Issue 10: under on_nonfinite="skip", a NaN on a noise measuring step turned its statistics into NaN for the
     # rest of the run and locked the weights at equal shares.
     pl.seed_everything(0)
-    from mt2st_lightning.models import MLPEncoder
+    from mt2st_lightning.examples.models import MLPEncoder
 
     model = NaNParityAt2(MLPEncoder(in_features=16, hidden=32, depth=2), TASKS, primary="label", head_hidden=8)
     callback = MT2STCallback("noise", adapt_every=1, adapt_decay=0.5, on_nonfinite="skip")

@@ -29,7 +29,7 @@ from mt2st_lightning.adaptive import gradient_alignment, gradient_cosines
 from mt2st_lightning.names import SWITCH_STEP_PREFIX
 from mt2st_lightning.policies.conflict import ConflictSwitch
 from mt2st_lightning.step_record import StepRecord
-from mt2st_lightning.train import train
+from mt2st_lightning.app.train import train
 
 SETTINGS = settings(max_examples=100, deadline=None)
 TASKS = ("agree", "fight", "side")

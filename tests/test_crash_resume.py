@@ -41,7 +41,7 @@ KILL_AT = 13  # in the third epoch (steps 10-14), after the switch
 def train_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
-        [sys.executable, "-m", "mt2st_lightning.train", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "mt2st_lightning.app.train", *args], cwd=cwd, env=env, capture_output=True, text=True,
         timeout=180, check=False,
     )
 

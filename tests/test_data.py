@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mt2st_lightning.data import DigitsDataModule, FashionMNISTDataModule
+from mt2st_lightning.examples.data import DigitsDataModule, FashionMNISTDataModule
 
 
 def _write_idx(path, array: np.ndarray, compress: bool) -> None:

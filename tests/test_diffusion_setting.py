@@ -12,11 +12,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mt2st_lightning.data import DigitsDataModule
-from mt2st_lightning.data.diffusion import DiffusionDataModule
-from mt2st_lightning.data.fashion_mnist import DEFAULT_ROOT
-from mt2st_lightning.models.ddpm import DDPMModel, Denoiser, cosine_alpha_bar
-from mt2st_lightning.models.frechet import ClassifierFeatures, classifier_frechet_distance, fit_feature_classifier
+from mt2st_lightning.examples.data import DigitsDataModule
+from mt2st_lightning.examples.data.diffusion import DiffusionDataModule
+from mt2st_lightning.examples.data.fashion_mnist import DEFAULT_ROOT
+from mt2st_lightning.examples.models.ddpm import DDPMModel, Denoiser, cosine_alpha_bar
+from mt2st_lightning.examples.models.frechet import ClassifierFeatures, classifier_frechet_distance, fit_feature_classifier
 from tests.test_app import fast_dev_run
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")

@@ -134,7 +134,7 @@ def test_no_cuda_sync_in_the_callbacks_hooks_on_an_ordinary_step(tmp_path, strat
 
 
 def test_the_failure_checkpoint_does_not_save_the_weights_a_nan_has_damaged(tmp_path):
-    from mt2st_lightning.failure_checkpoint import FailureCheckpoint
+    from mt2st_lightning.app.failure_checkpoint import FailureCheckpoint
 
     failure = FailureCheckpoint(dirpath=tmp_path / "ckpt")
     trainer = toy_trainer(tmp_path, [MT2STCallback("mtl"), failure], max_epochs=3, log_every_n_steps=5,

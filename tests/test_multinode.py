@@ -87,7 +87,7 @@ def test_readme_slurm_multinode_command_matches_nodes_and_devices():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the optional extra [slurm]")
     from hydra import compose, initialize_config_dir
 
-    from mt2st_lightning.train import CONFIG_DIR
+    from mt2st_lightning.app.train import CONFIG_DIR
 
     (line,) = [
         line for line in (ROOT / "README.md").read_text().splitlines()

@@ -30,10 +30,11 @@ from tests.conftest import toy_loader, toy_model, toy_trainer
 from tests.test_app import compose_train
 
 from mt2st_lightning import MT2STCallback
-from mt2st_lightning.models import MLPEncoder, MultiTaskModel
-from mt2st_lightning.names import SWITCH_STEP_PREFIX, VAL_PRIMARY_METRIC
+from mt2st_lightning.examples.models import MLPEncoder, MultiTaskModel
+from mt2st_lightning.app.run_format import VAL_PRIMARY_METRIC
+from mt2st_lightning.names import SWITCH_STEP_PREFIX
 from mt2st_lightning.policies.plateau import PlateauSwitch
-from mt2st_lightning.train import train
+from mt2st_lightning.app.train import train
 
 SETTINGS = settings(max_examples=300, deadline=None)
 TASKS = ("recon", "parity")

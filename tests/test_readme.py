@@ -58,7 +58,7 @@ def test_readme_train_commands_compose(command):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the optional extra [slurm]")
     from hydra import compose, initialize_config_dir
 
-    from mt2st_lightning.train import CONFIG_DIR
+    from mt2st_lightning.app.train import CONFIG_DIR
 
     overrides = [arg.strip("'\"") for arg in command.split()[1:] if arg != "--multirun" and arg != "\\"]
     sweeps = {i: o.split("=", 1)[1].split(",") for i, o in enumerate(overrides) if "," in o.split("=", 1)[-1]}

@@ -311,7 +311,7 @@ def test_cli_on_a_folder_without_runs(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- unlike runs
 def _settings(**changes) -> dict:
-    settings = {"data": {"_target_": "mt2st_lightning.data.DigitsDataModule"}, "model": {"encoder": {"_target_": "mt2st_lightning.models.MLPEncoder"}},
+    settings = {"data": {"_target_": "mt2st_lightning.examples.data.DigitsDataModule"}, "model": {"encoder": {"_target_": "mt2st_lightning.examples.models.MLPEncoder"}},
                 "strategy": {"strategy": "switch"}, "planned_total": 500.0, "unit": "step", "precision": "32-true", "devices": 1}
     for key, value in changes.items():
         settings[key] = value
@@ -325,7 +325,7 @@ def _with_settings(run: Path, settings: dict) -> None:
 
 
 def test_runs_of_one_label_with_other_settings_are_split_with_a_message(tmp_path, capsys):
-    cnn = {"encoder": {"_target_": "mt2st_lightning.models.ConvEncoder"}}
+    cnn = {"encoder": {"_target_": "mt2st_lightning.examples.models.ConvEncoder"}}
     for name, seed, flops, settings in [
         ("stl_mlp", 0, 100, _settings(strategy={"strategy": "stl"})),
         ("stl_cnn", 0, 1000, _settings(strategy={"strategy": "stl"}, model=cnn)),

@@ -105,7 +105,7 @@ class OnlyTrainable(type(toy_model())):
 
 def _only_trainable():
     pl.seed_everything(0)
-    from mt2st_lightning.models import MLPEncoder
+    from mt2st_lightning.examples.models import MLPEncoder
     from tests.conftest import TASKS
 
     return OnlyTrainable(MLPEncoder(in_features=16, hidden=32, depth=2), TASKS, primary="label", head_hidden=8)

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from mt2st_lightning import MT2STCallback, MT2STMixin
-from mt2st_lightning.data.streams import AuxiliaryStream, combine_streams, stream_costs
+from mt2st_lightning.examples.data.streams import AuxiliaryStream, combine_streams, stream_costs
 
 
 def _stream(n=10, batch_size=4, active=("aux",), epoch=0, **kwargs) -> AuxiliaryStream:

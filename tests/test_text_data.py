@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mt2st_lightning.data.streams import AuxiliaryStream
-from mt2st_lightning.data.text import DOMAINS, SentimentTextDataModule, data_dir, load_analogies, tokenize
+from mt2st_lightning.examples.data.streams import AuxiliaryStream
+from mt2st_lightning.examples.data.text import DOMAINS, SentimentTextDataModule, data_dir, load_analogies, tokenize
 
 POSITIVE, NEGATIVE = ["good", "great", "fine", "happy"], ["bad", "awful", "poor", "sad"]
 NOUNS = ["movie", "phone", "city", "day", "cat", "dog", "king", "queen", "man", "woman"]

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from mt2st_lightning import MT2STCallback
-from mt2st_lightning.models.counted_lstm import CountedBiLSTM
-from mt2st_lightning.models.embedding_bilstm import EmbeddingBiLSTMModel
-from mt2st_lightning.models.text_transformer import TextTransformerModel
+from mt2st_lightning.examples.models.counted_lstm import CountedBiLSTM
+from mt2st_lightning.examples.models.embedding_bilstm import EmbeddingBiLSTMModel
+from mt2st_lightning.examples.models.text_transformer import TextTransformerModel
 from tests.test_text_data import make, write_slice
 
 torch.set_num_threads(1)

@@ -9,8 +9,8 @@ import json
 import pytest
 from hydra import compose, initialize_config_dir
 
-from mt2st_lightning.data.text import data_dir
-from mt2st_lightning.train import CONFIG_DIR
+from mt2st_lightning.examples.data.text import data_dir
+from mt2st_lightning.app.train import CONFIG_DIR
 from tests.test_app import fast_dev_run
 
 SENTENCES = data_dir() / "hutto_ICWSM_2014" / "tweets_GroundTruth.txt"
@@ -51,7 +51,7 @@ def test_presets_compose_with_their_sweep(preset):
     adaptive = "gradnorm" if "embeddings" in preset else "fisher"
     assert cfg.hydra.sweeper.params.strategy == f"stl,mtl,diminish,switch,{adaptive},plateau,conflict"
     assert cfg.hydra.sweeper.params.seed == "0,1,2"
-    assert cfg.data._target_ == "mt2st_lightning.data.text.SentimentTextDataModule"
+    assert cfg.data._target_ == "mt2st_lightning.examples.data.text.SentimentTextDataModule"
     if preset.endswith("_gpu"):
         assert cfg.trainer.accelerator == "gpu" and cfg.data.limit is None
     else:

@@ -15,13 +15,13 @@ from hypothesis import strategies as st
 from hydra import compose, initialize_config_dir
 
 from mt2st_lightning import MT2STCallback
-from mt2st_lightning.data.augment import Augment
-from mt2st_lightning.data.fashion_mnist import DEFAULT_ROOT
-from mt2st_lightning.data.vision import FashionMNISTVisionDataModule
-from mt2st_lightning.models.contrastive import nt_xent
-from mt2st_lightning.models.resnet import ResNetEncoder
-from mt2st_lightning.models.vision import VisionMultiTaskModel
-from mt2st_lightning.train import CONFIG_DIR
+from mt2st_lightning.examples.data.augment import Augment
+from mt2st_lightning.examples.data.fashion_mnist import DEFAULT_ROOT
+from mt2st_lightning.examples.data.vision import FashionMNISTVisionDataModule
+from mt2st_lightning.examples.models.contrastive import nt_xent
+from mt2st_lightning.examples.models.resnet import ResNetEncoder
+from mt2st_lightning.examples.models.vision import VisionMultiTaskModel
+from mt2st_lightning.app.train import CONFIG_DIR
 from tests.test_app import fast_dev_run
 
 # Training steps called directly (without a Trainer) log nothing; Lightning warns about that.

@@ -50,12 +50,12 @@ def test_wheel_holds_the_package_and_every_config(installed):
     names = set(zipfile.ZipFile(installed["wheel"]).namelist())
     configs = {f"mt2st_lightning/conf/{p.relative_to(ROOT / 'conf').as_posix()}" for p in (ROOT / "conf").rglob("*.yaml")}
     assert configs and configs <= names, sorted(configs - names)
-    assert {"mt2st_lightning/__init__.py", "mt2st_lightning/train.py", "mt2st_lightning/report.py"} <= names
+    assert {"mt2st_lightning/__init__.py", "mt2st_lightning/app/train.py", "mt2st_lightning/report/__init__.py"} <= names
 
 
 @pytest.mark.slow
 def test_installed_wheel_is_what_the_scratch_environment_imports(installed):
-    code = "import json, mt2st_lightning, mt2st_lightning.train as t; print(json.dumps([mt2st_lightning.__file__, str(t.CONFIG_DIR)]))"
+    code = "import json, mt2st_lightning, mt2st_lightning.app.train as t; print(json.dumps([mt2st_lightning.__file__, str(t.CONFIG_DIR)]))"
     package, config_dir = json.loads(_run(installed["python"], "-c", code, cwd=installed["cwd"]).stdout)
     site = installed["venv"].resolve()
     assert Path(package).resolve().is_relative_to(site), f"imported {package}, not the wheel's copy"
@@ -65,7 +65,7 @@ def test_installed_wheel_is_what_the_scratch_environment_imports(installed):
 @pytest.mark.slow
 def test_installed_app_prints_its_config_from_outside_the_repository(installed):
     out = _run(installed["train"], "--cfg", "job", cwd=installed["cwd"]).stdout
-    assert "_target_: mt2st_lightning.MT2STCallback" in out and "_target_: mt2st_lightning.data.DigitsDataModule" in out
+    assert "_target_: mt2st_lightning.MT2STCallback" in out and "_target_: mt2st_lightning.examples.data.DigitsDataModule" in out
 
 
 @pytest.mark.slow

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from mt2st_lightning.data.image_tasks import ImageTasksDataModule
-from mt2st_lightning.models import MultiTaskModel
+from mt2st_lightning.examples.data.image_tasks import ImageTasksDataModule
+from mt2st_lightning.examples.models import MultiTaskModel
 
 
 class MT2STLightningCLI(LightningCLI):

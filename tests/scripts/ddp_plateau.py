@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.conftest import TASKS, toy_loader
 
 from mt2st_lightning import MT2STCallback
-from mt2st_lightning.models import MLPEncoder, MultiTaskModel
+from mt2st_lightning.examples.models import MLPEncoder, MultiTaskModel
 
 SCORES = {0: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], 1: [0.1, 0.3, 0.3, 0.3, 0.3, 0.3]}
 PATIENCE = 2

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from mt2st_lightning import MT2STCallback, MT2STMixin
-from mt2st_lightning.data.streams import AuxiliaryStream, combine_streams
+from mt2st_lightning.examples.data.streams import AuxiliaryStream, combine_streams
 
 
 class Model(MT2STMixin, pl.LightningModule):

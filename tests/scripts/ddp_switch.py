@@ -73,7 +73,7 @@ def nan_on_rank1_model(step: int):
                 loss = loss * float("nan")
             return loss
 
-    from mt2st_lightning.models import MLPEncoder
+    from mt2st_lightning.examples.models import MLPEncoder
     from tests.conftest import TASKS
 
     pl.seed_everything(0)

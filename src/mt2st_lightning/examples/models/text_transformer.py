@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Accuracy, MeanMetric
 
-from mt2st_lightning.models.text_tasks import TextTaskModel, check_text_inputs, load_embedding
+from mt2st_lightning.examples.models.text_tasks import TextTaskModel, check_text_inputs, load_embedding
 
 __all__ = ["TextTransformerModel"]
 

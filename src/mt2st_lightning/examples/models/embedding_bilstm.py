@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mt2st_lightning.models.counted_lstm import CountedBiLSTM
-from mt2st_lightning.models.text_tasks import TextTaskModel, check_text_inputs, load_embedding
+from mt2st_lightning.examples.models.counted_lstm import CountedBiLSTM
+from mt2st_lightning.examples.models.text_tasks import TextTaskModel, check_text_inputs, load_embedding
 
 __all__ = ["EmbeddingBiLSTMModel"]
 

@@ -3,7 +3,7 @@ embedding on held-out word pairs (Spearman) and analogies (accuracy), from the e
 
 A subclass owns ``self.embedding`` (``nn.Embedding``), declares its heads, and implements
 :meth:`training_losses` (one loss per active task, and the shared features the policies measure on) and
-:meth:`primary_logits`. Training batches are :func:`~mt2st_lightning.data.streams.combine_streams` dicts;
+:meth:`primary_logits`. Training batches are :func:`~mt2st_lightning.examples.data.streams.combine_streams` dicts;
 evaluation batches are the sentences (``tokens``), the held-out pairs (``score``) or analogies (``d``).
 """
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Accuracy, MeanMetric, SpearmanCorrCoef, SumMetric
 
-from mt2st_lightning.data.streams import stream_costs
+from mt2st_lightning.examples.data.streams import stream_costs
 from mt2st_lightning.mixin import MT2STMixin
 
 __all__ = ["TextTaskModel", "check_text_inputs", "load_embedding"]

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, SumMetric
 
 from mt2st_lightning.mixin import MT2STMixin
-from mt2st_lightning.models.frechet import classifier_frechet_distance, fit_feature_classifier
+from mt2st_lightning.examples.models.frechet import classifier_frechet_distance, fit_feature_classifier
 
 __all__ = ["DDPMModel", "Denoiser", "cosine_alpha_bar"]
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Accuracy, MeanMetric, MeanSquaredError, Metric, SumMetric
 
-from mt2st_lightning import names
+from mt2st_lightning.app import run_format
 from mt2st_lightning.mixin import MT2STMixin
 
 __all__ = ["MultiTaskModel", "TaskSpec"]
@@ -113,14 +113,14 @@ class MultiTaskModel(MT2STMixin, pl.LightningModule):
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         loss, losses = self._shared_step(batch, "train")
         n = batch["x"].shape[0]
-        self.log(names.TRAIN_LOSS, loss, prog_bar=True, batch_size=n)
-        self.log_dict({names.task_loss(t): v.detach() for t, v in losses.items()}, batch_size=n)
+        self.log(run_format.TRAIN_LOSS, loss, prog_bar=True, batch_size=n)
+        self.log_dict({run_format.task_loss(t): v.detach() for t, v in losses.items()}, batch_size=n)
         return loss
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         loss, _ = self._shared_step(batch, "val")
         self.val_loss.update(loss.detach(), weight=batch["x"].shape[0])
-        self.log(names.VAL_LOSS, self.val_loss, prog_bar=True, on_step=False, on_epoch=True)
+        self.log(run_format.VAL_LOSS, self.val_loss, prog_bar=True, on_step=False, on_epoch=True)
 
     def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         loss, _ = self._shared_step(batch, "test")

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mt2st_lightning.data.image_tasks import ImageTasksDataModule
+from mt2st_lightning.examples.data.image_tasks import ImageTasksDataModule
 
 __all__ = ["FashionMNISTDataModule", "read_fashion_mnist"]
 

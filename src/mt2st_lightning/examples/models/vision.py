@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Accuracy, MeanMetric, SumMetric
 
-from mt2st_lightning.data.augment import Augment
-from mt2st_lightning.data.streams import stream_costs
-from mt2st_lightning.data.targets import edge_map
+from mt2st_lightning.examples.data.augment import Augment
+from mt2st_lightning.examples.data.streams import stream_costs
+from mt2st_lightning.examples.data.targets import edge_map
 from mt2st_lightning.mixin import MT2STMixin
-from mt2st_lightning.models.contrastive import nt_xent
+from mt2st_lightning.examples.models.contrastive import nt_xent
 
 __all__ = ["VisionMultiTaskModel"]
 

@@ -7,7 +7,7 @@ turns a folder of them into tables and plots.
 
     mt2st-train strategy=diminish seed=1
     mt2st-train --multirun experiment=paper_digits
-    python -m mt2st_lightning.train --help
+    python -m mt2st_lightning.app.train --help
 """
 
 from __future__ import annotations
@@ -36,14 +36,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from mt2st_lightning.callback import MT2STCallback
 from mt2st_lightning.flops import PhaseCostMeter
 from mt2st_lightning.heads import relaunches_script
-from mt2st_lightning.names import (
+from mt2st_lightning.app.progress import EpochLines
+from mt2st_lightning.app.run_format import (
     DEFAULT_PRIMARY_METRIC_NAME,
+    RESUME_POINTER_FILE,
     STREAM_PREFIX,
+    SUMMARY_FILE,
     TEST_PRIMARY_METRIC,
     VAL_PRIMARY_METRIC,
+    read_metrics,
 )
-from mt2st_lightning.progress import EpochLines
-from mt2st_lightning.report import RESUME_POINTER_FILE, SUMMARY_FILE, read_metrics
 
 __all__ = ["CONFIG_DIR", "main", "train"]
 
@@ -52,8 +54,9 @@ log = logging.getLogger(__name__)
 
 def _config_dir() -> Path:
     """``conf/``: inside the package when installed from a wheel, at the repository root when editable."""
-    packaged = Path(__file__).resolve().with_name("conf")
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf"
+    package = Path(__file__).resolve().parents[1]
+    packaged = package / "conf"
+    return packaged if packaged.is_dir() else package.parents[1] / "conf"
 
 
 CONFIG_DIR = _config_dir()

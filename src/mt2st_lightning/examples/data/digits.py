@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mt2st_lightning.data.image_tasks import ImageTasksDataModule
+from mt2st_lightning.examples.data.image_tasks import ImageTasksDataModule
 
 __all__ = ["DigitsDataModule"]
 

@@ -18,7 +18,7 @@ Tasks (the primary task and the auxiliary tasks named in ``aux_tasks``):
 
 Word pairs and analogies are kept where every word is in the vocabulary (the training sentences' words seen
 ``min_count`` times); ``heldout_fraction`` of them is held out: the model reports Spearman and analogy
-accuracy there. Training batches come from :func:`~mt2st_lightning.data.streams.combine_streams`; a dropped
+accuracy there. Training batches come from :func:`~mt2st_lightning.examples.data.streams.combine_streams`; a dropped
 task's stream stops loading.
 
 ``embedding_init`` (``cbow``, ``skipgram``, ``fasttext`` or ``null``) trains word vectors with gensim on the
@@ -45,8 +45,8 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
-from mt2st_lightning.data.image_tasks import DictDataset
-from mt2st_lightning.data.streams import AuxiliaryStream, combine_streams
+from mt2st_lightning.examples.data.image_tasks import DictDataset
+from mt2st_lightning.examples.data.streams import AuxiliaryStream, combine_streams
 
 __all__ = [
     "DOMAINS", "EMBEDDING_INITS", "TEXT_AUX_TASKS", "SentimentTextDataModule", "load_analogies", "load_rated_sentences",

@@ -11,7 +11,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from mt2st_lightning.data.targets import AUX_TARGETS
+from mt2st_lightning.examples.data.targets import AUX_TARGETS
 
 __all__ = ["DictDataset", "ImageTasksDataModule"]
 

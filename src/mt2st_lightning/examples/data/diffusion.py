@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from mt2st_lightning.data.image_tasks import ImageTasksDataModule
+from mt2st_lightning.examples.data.image_tasks import ImageTasksDataModule
 
 __all__ = ["DIFFUSION_AUX_TASKS", "DiffusionDataModule"]
 

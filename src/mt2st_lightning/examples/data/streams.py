@@ -33,7 +33,7 @@ from typing import Any
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from mt2st_lightning.names import STREAM_PREFIX
+from mt2st_lightning.app.run_format import STREAM_PREFIX
 
 __all__ = ["MAX_PASSES_PER_EPOCH", "AuxiliaryStream", "combine_streams", "pass_seed", "stream_costs"]
 

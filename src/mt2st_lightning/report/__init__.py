@@ -35,25 +35,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mt2st_lightning.names import (
-    COST_FLOPS,
+from mt2st_lightning.app.run_format import (
     DEFAULT_PRIMARY_METRIC_NAME,
+    RESUME_POINTER_FILE,
     STREAM_PREFIX,
-    WEIGHT_PREFIX,
+    SUMMARY_FILE,
+    TEST_PRIMARY_METRIC,
+    read_metrics,
     task_loss,
 )
-from mt2st_lightning.names import (
-    COST_FLOPS_AT_VAL as FLOPS_AT_VAL,
-)
-from mt2st_lightning.names import (
-    COST_TIME_AT_VAL as TIME_AT_VAL,
-)
-from mt2st_lightning.names import (
-    TEST_PRIMARY_METRIC,
-)
-from mt2st_lightning.names import (
-    VAL_PRIMARY_METRIC as VAL_METRIC,
-)
+from mt2st_lightning.app.run_format import VAL_PRIMARY_METRIC as VAL_METRIC
+from mt2st_lightning.extras import require
+from mt2st_lightning.names import COST_FLOPS, WEIGHT_PREFIX
+from mt2st_lightning.names import COST_FLOPS_AT_VAL as FLOPS_AT_VAL
+from mt2st_lightning.names import COST_TIME_AT_VAL as TIME_AT_VAL
 
 __all__ = [
     "RESUME_POINTER_FILE",
@@ -77,11 +72,8 @@ __all__ = [
     "write_report",
 ]
 
-SUMMARY_FILE = "run_summary.json"
 # Test metrics of the main table, or logged by every run: the others get a table of their own.
 _TEST_KEYS_IN_MAIN_TABLE = frozenset({TEST_PRIMARY_METRIC, "test/loss", "test/samples"})
-#: Written by a resumed launch into its own Hydra folder: the run it continued (in that run's folder).
-RESUME_POINTER_FILE = "continues_run.json"
 # Table order for the built-in strategies; other labels follow alphabetically.
 STRATEGY_ORDER = ("stl", "mtl", "diminish", "switch", "gradnorm", "fisher", "noise")
 LINESTYLES = ("-", "--", "-.", ":")
@@ -190,12 +182,6 @@ class IncompleteRun:
         return f"{where}: {step}{resume}"
 
 
-def read_metrics(path: Path) -> list[dict[str, float]]:
-    """The rows of a ``metrics.csv``, each holding only the columns it has a value in."""
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
-
-
 def collect_runs(root: str | Path) -> list[Run]:
     """Every finished run below ``root`` (or ``root`` itself), in path order."""
     root = Path(root)
@@ -245,7 +231,7 @@ def _settings_key(settings: dict[str, Any], without: tuple[str, ...] = ()) -> st
 
 
 def _short(value: str) -> str:
-    """``"mt2st_lightning.models.ConvEncoder"`` -> ``ConvEncoder``; other values as they are."""
+    """``"mt2st_lightning.examples.models.ConvEncoder"`` -> ``ConvEncoder``; other values as they are."""
     text = value.strip('"')
     return text.rsplit(".", 1)[-1] if text.count(".") >= 2 and " " not in text else text
 
@@ -868,6 +854,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: DIR)")
     args = parser.parse_args(argv)
+    require("report", "mt2st-report")
     try:
         report = write_report(args.dir, args.out)
     except FileNotFoundError as e:

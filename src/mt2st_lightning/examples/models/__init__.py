@@ -1,6 +1,6 @@
 """Example multi-task models: shared encoders and a generic multi-task LightningModule."""
 
-from mt2st_lightning.models.encoders import ConvEncoder, MLPEncoder, TransformerEncoder
-from mt2st_lightning.models.multitask import MultiTaskModel, TaskSpec
+from mt2st_lightning.examples.models.encoders import ConvEncoder, MLPEncoder, TransformerEncoder
+from mt2st_lightning.examples.models.multitask import MultiTaskModel, TaskSpec
 
 __all__ = ["ConvEncoder", "MLPEncoder", "MultiTaskModel", "TaskSpec", "TransformerEncoder"]

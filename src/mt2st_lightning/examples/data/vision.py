@@ -17,9 +17,9 @@ from torch import Tensor
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
-from mt2st_lightning.data.fashion_mnist import DEFAULT_ROOT, read_fashion_mnist
-from mt2st_lightning.data.image_tasks import DictDataset, ImageTasksDataModule
-from mt2st_lightning.data.streams import AuxiliaryStream, combine_streams
+from mt2st_lightning.examples.data.fashion_mnist import DEFAULT_ROOT, read_fashion_mnist
+from mt2st_lightning.examples.data.image_tasks import DictDataset, ImageTasksDataModule
+from mt2st_lightning.examples.data.streams import AuxiliaryStream, combine_streams
 
 __all__ = ["VISION_AUX_TASKS", "FashionMNISTVisionDataModule"]
 

@@ -1,6 +1,0 @@
-"""Data modules whose batches are dicts: ``x`` plus one target per task."""
-
-from mt2st_lightning.data.digits import DigitsDataModule
-from mt2st_lightning.data.fashion_mnist import FashionMNISTDataModule
-
-__all__ = ["DigitsDataModule", "FashionMNISTDataModule"]
