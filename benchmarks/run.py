@@ -199,7 +199,8 @@ def measure_model(name: str, s: Settings, rows: list[V.Variant], opts: harness.F
     for v in [] if timing_only else rows:
         # The baselines and the callback's post-switch rows; a quiet row holds what its loud twin holds.
         in_memory_table = v.module != "mt2st" and v.baseline is None or (
-            v.module == "mt2st" and v.with_callback and v.phase == "post" and not set(v.callback) & set(V.QUIET))
+            v.module == "mt2st" and v.with_callback and v.phase == "post" and not set(v.callback) & set(V.QUIET)
+            and v.target is not None)  # not the diagnostic "defaults vs quiet": it holds what its twin holds
         if not (in_memory_table or gpu):
             continue
         kw: dict = dict(measure_state_at=extra - 1)
@@ -338,7 +339,7 @@ def verdict(value: float, target: float | None, of: str = "") -> str:
 
 def flop_cells(res: ModelResult, v: V.Variant) -> tuple[str, str]:
     base = res.flop_phases[v.baseline]
-    bflops = next(iter(base.values()))
+    bflops = base[0] if v.phase == "post" else base[max(base)]  # a baseline of MT2ST rows has phases too
     phases = res.flop_phases[v.name]
     mine = phases[0] if v.phase == "post" else phases[max(phases)]
     cell = fmt_flops(mine)

@@ -22,6 +22,9 @@ import pytest
 import yaml
 
 from mt2st_lightning import MT2STCallback
+from mt2st_lightning.arguments import strategy_parameters
+from mt2st_lightning.policies import REGISTRY, STRATEGIES, policy_for
+from mt2st_lightning.policies.params import parameters_of
 from mt2st_lightning.schedules import Constant, Diminish, Product, Switch
 
 # Lightning 2.6's LightningCLI still calls jsonargparse APIs that jsonargparse 4.49+ deprecates (not ours to fix).
@@ -111,7 +114,9 @@ def _policy_check(value: Any) -> None:
 
 
 # name -> cases; each case: (init_args as a YAML user writes them, the argument's expected value in Python, or a
-# check). The expected value is compared with its type: ``switch_at: 5`` must stay the int 5.
+# check). The expected value is compared with its type: ``switch_at: 5`` must stay the int 5. Every argument of
+# the callback's own needs a case here; the strategies' parameters are covered by each strategy's Hydra preset
+# (below, derived from the registry), and the cases here pin the typed forms of the built-in ones.
 CASES: dict[str, list[tuple[str, Any]]] = {
     "strategy": [("strategy: diminish", "diminish")],
     "schedules": [
@@ -179,14 +184,65 @@ CASES: dict[str, list[tuple[str, Any]]] = {
 }
 
 ARGUMENTS = [name for name in inspect.signature(MT2STCallback).parameters]
+STRATEGY_PARAMETERS = [p.name for p in strategy_parameters()]
+PRESETS = {name: yaml.safe_load((ROOT / "conf" / "strategy" / f"{name}.yaml").read_text()) for name in STRATEGIES}
 
 
 def test_every_constructor_argument_has_a_yaml_case():
-    missing = [name for name in ARGUMENTS if name not in CASES]
+    own = [name for name in ARGUMENTS if name not in STRATEGY_PARAMETERS]
+    missing = [name for name in own if name not in CASES]
     assert not missing, (
         f"MT2STCallback has new argument(s) {missing}: add a YAML case for each to CASES in tests/test_cli.py, so "
         "that LightningCLI users are known to be able to set it"
     )
+
+
+def test_the_signature_lists_every_registered_strategys_parameters():
+    # jsonargparse reads MT2STCallback's signature: every strategy parameter is in it, typed, default None.
+    signature = inspect.signature(MT2STCallback)
+    for name, cls in REGISTRY.items():
+        for param in parameters_of(cls):
+            assert param in signature.parameters, f"{name}'s {param} is not in MT2STCallback's signature"
+            assert signature.parameters[param].default is None
+            assert signature.parameters[param].kind is inspect.Parameter.KEYWORD_ONLY
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+
+
+# --------------------------------------------------------------------------- every strategy, from the registry
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_each_strategy_preset_names_every_parameter_of_its_policy(name):
+    assert PRESETS[name]["_target_"] == "mt2st_lightning.MT2STCallback" and PRESETS[name]["strategy"] == name
+    missing = sorted(set(parameters_of(REGISTRY[name])) - set(PRESETS[name]))
+    assert not missing, f"conf/strategy/{name}.yaml does not list {missing}: document each with its default"
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_each_strategy_preset_as_flat_init_args(tmp_path, recorded_kwargs, name):
+    # The Hydra preset's keys, as LightningCLI init_args: each value arrives with its type.
+    init_args = {key: value for key, value in PRESETS[name].items() if key != "_target_"}
+    cli = _cli(tmp_path, init_args)
+    for key, value in init_args.items():
+        _same(recorded_kwargs[0][key], value, key)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, MT2STCallback)]
+    assert type(callback.policy) is REGISTRY[name]
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_each_strategy_as_a_policy_class_path(tmp_path, name):
+    # The Lightning-native form: the policy class itself, its parameters as its init_args.
+    cls = REGISTRY[name]
+    init_args = {key: value for key, value in PRESETS[name].items() if key in parameters_of(cls)}
+    cli = _cli(tmp_path, {"policy": {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}})
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, MT2STCallback)]
+    assert type(callback.policy) is cls and callback.strategy == name
+    assert callback.policy.state_dict().keys() == policy_for(name, **init_args).state_dict().keys()
+
+
+def test_a_policy_class_path_refuses_a_parameter_it_does_not_take(tmp_path, capsys):
+    args = {"policy": {"class_path": "mt2st_lightning.policies.SwitchPolicy", "init_args": {"switch_at": 5, "eta": 0.1}}}
+    with pytest.raises(SystemExit):
+        _cli(tmp_path, args)
+    assert "'eta' is not accepted" in capsys.readouterr().err
 
 
 def _same(value: Any, expected: Any, where: str) -> None:

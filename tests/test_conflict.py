@@ -131,10 +131,13 @@ class Heads:
         )
 
 
-def measure(policy: ConflictSwitch, record: StepRecord, t: int, reduce=None) -> tuple[str, ...]:
-    """One step boundary at t, then (if the policy asks) one observed step: what it drops at t."""
-    active = tuple(task for task in TASKS if task not in policy.fired_at)
+def measure(policy: ConflictSwitch, record: StepRecord, t: int, dropped: set[str], reduce=None) -> tuple[str, ...]:
+    """One step boundary at t, then (if the policy asks) one observed step: what it drops at t (added to
+    ``dropped``, the tasks whose heads left, as the callback keeps them)."""
+    active = tuple(task for task in TASKS if task not in dropped)
     done = tuple(policy.finished(t, active))
+    assert tuple(policy.finished(t, active)) == done  # a question: asking again changes nothing
+    dropped.update(done)
     policy.weights(t, tuple(task for task in active if task not in done))
     if policy.wants_step(t):
         policy.observe_step(t, record, reduce or OneRank())
@@ -146,14 +149,14 @@ def test_a_fighting_task_leaves_after_window_measurements_the_others_stay():
     policy = ConflictSwitch(threshold=0.0, window=3, adapt_every=2)
     policy.bind(TASKS, total=None, unit="step")
     record = heads.record({"agree": heads.u * 0.5, "fight": -heads.u + 0.1 * heads.v, "side": heads.v})
-    dropped = {}
+    dropped, gone = {}, set()
     for t in range(12):
-        fight_active = "fight" not in policy.fired_at
+        fight_active = "fight" not in gone
         rec = record if fight_active else heads.record({"agree": heads.u * 0.5, "side": heads.v})
-        for task in measure(policy, rec, t):
+        for task in measure(policy, rec, t, gone):
             dropped[task] = t
     # Measured at steps 0, 2, 4: the third conflicting measurement is at step 4, the drop at the next boundary.
-    assert dropped == {"fight": 5} and policy.fired_at == {"fight": 5}
+    assert dropped == {"fight": 5}
     assert policy.last_cosines["agree"] == pytest.approx(1.0)
     assert policy.last_cosines["fight"] < -0.9
     # The orthogonal task's cosine is 0 up to rounding, i.e. maybe just below the threshold 0: its count moves
@@ -244,9 +247,9 @@ def test_a_resume_continues_the_counts():
     resumed.weights(2, ("fight",))
     assert resumed.conflict_counts == {"fight": 2}
     assert measure_one(resumed, record, 2) == ()
-    assert measure_one(resumed, record, 3) == ("fight",) and resumed.fired_at == {"fight": 3}
+    assert measure_one(resumed, record, 3) == ("fight",)
     first.bind(("fight",), total=None, unit="step")  # a second fit without a checkpoint starts from 0
-    assert first.conflict_counts == {} and first.fired_at == {}
+    assert first.conflict_counts == {} and first.finished(3, ("fight",)) == ()
 
 
 def measure_one(policy: ConflictSwitch, record: StepRecord, t: int) -> tuple[str, ...]:
@@ -317,7 +320,7 @@ def test_a_real_fit_drops_the_task_whose_gradient_opposes_the_primary(tmp_path):
     trainer = toy_trainer(tmp_path, [mt2st], max_epochs=2, logger=logger, log_every_n_steps=1)
     trainer.fit(model, toy_loader())
     # Measured at steps 0, 2, 4 (cosine about -1 each time); dropped at the next step boundary.
-    assert mt2st.drop_times == {"anti": 5} and mt2st.policy.fired_at == {"anti": 5}
+    assert mt2st.drop_times == {"anti": 5}
     assert model.active_tasks == ("label", "twin")
     assert mt2st.policy.last_cosines["anti"] < -0.9
     assert mt2st.policy.last_cosines["twin"] == pytest.approx(1.0)  # twin and primary heads train identically

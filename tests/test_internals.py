@@ -1,9 +1,12 @@
-"""One test per private Lightning/PyTorch internal that ``mt2st_lightning.heads`` wraps: each fails when the
-internal changes, so that an upgrade breaks here, by name, rather than somewhere in training."""
+"""One test per private Lightning/PyTorch internal that ``mt2st_lightning.internals`` wraps: each fails when the
+internal changes, so that an upgrade breaks here, by name, rather than somewhere in training. And no other core
+module touches a private name of a foreign object."""
 
 from __future__ import annotations
 
+import ast
 import inspect
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -11,7 +14,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch.nn.parallel import DistributedDataParallel
 
-from mt2st_lightning import MT2STCallback, heads
+from mt2st_lightning import MT2STCallback, heads, internals
 from tests.conftest import toy_loader, toy_model, toy_trainer
 
 
@@ -22,7 +25,7 @@ class Probe(pl.Callback):
         self.rows = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.rows.append((trainer.global_step, heads.is_logging_step(trainer), heads.logging_step(trainer)))
+        self.rows.append((trainer.global_step, internals.is_logging_step(trainer), internals.logging_step(trainer)))
 
 
 def test_is_logging_step_follows_log_every_n_steps(tmp_path):
@@ -48,6 +51,14 @@ def test_ddp_remove_autograd_hooks_exists_and_takes_no_arguments():
     method = getattr(DistributedDataParallel, "_remove_autograd_hooks", None)
     assert callable(method)
     assert list(inspect.signature(method).parameters) == ["self"]
+    calls = []
+
+    class Wrapper:
+        def _remove_autograd_hooks(self):
+            calls.append(True)
+
+    internals.remove_ddp_autograd_hooks(Wrapper())  # type: ignore[arg-type]
+    assert calls == [True]
 
 
 def test_ddp_comm_hook_reads_the_registered_hook():
@@ -55,15 +66,15 @@ def test_ddp_comm_hook_reads_the_registered_hook():
     def hook(state, bucket):
         return bucket.buffer()
 
-    assert heads.ddp_comm_hook(DDPStrategy(ddp_comm_hook=hook)) is hook
-    assert heads.ddp_comm_hook(DDPStrategy()) is None
+    assert internals.ddp_comm_hook(DDPStrategy(ddp_comm_hook=hook)) is hook
+    assert internals.ddp_comm_hook(DDPStrategy()) is None
 
 
 @pytest.mark.parametrize(("strategy", "relaunches"), [("ddp", True), ("ddp_spawn", False)])
 def test_relaunches_script_recognises_the_subprocess_launcher(strategy, relaunches):
     # lightning.pytorch.strategies.launchers._SubprocessScriptLauncher
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False)
-    assert heads.relaunches_script(trainer.strategy) is relaunches
+    assert internals.relaunches_script(trainer.strategy) is relaunches
 
 
 def test_sharded_ddp_subclasses_are_recognised_by_name():
@@ -80,3 +91,41 @@ def test_rebuild_leaves_a_plain_module_alone():
     strategy = DDPStrategy()
     strategy.model = torch.nn.Linear(2, 2)
     assert heads.rebuild_ddp_reducer(strategy) is False
+
+
+# ------------------------------------------------------------------------------ one module holds them all
+CORE = Path(internals.__file__).parent
+TESTS = Path(__file__).read_text()
+
+
+def _core_files():
+    """The core library's modules (the app, the report and the examples are packages of their own)."""
+    return [p for p in sorted(CORE.rglob("*.py")) if p.relative_to(CORE).parts[0] not in ("app", "report", "examples")]
+
+
+def test_every_internal_has_its_test_here():
+    untested = [name for name in internals.__all__ if f"internals.{name}(" not in TESTS]
+    assert not untested, f"add a test of mt2st_lightning.internals.{untested} to tests/test_internals.py"
+
+
+def test_no_other_core_module_touches_a_private_foreign_name():
+    own: set[str] = set()  # private names the package defines itself (its own helpers and attributes)
+    trees = {path: ast.parse(path.read_text()) for path in _core_files()}
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name.startswith("_"):
+                own.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                own.add(node.attr)
+    found = []
+    for path, tree in trees.items():
+        if path.name == "internals.py":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and not (node.module or "").startswith("mt2st_lightning"):
+                found += [f"{path.name}: from {node.module} import {a.name}" for a in node.names if a.name.startswith("_")]
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                receiver = node.value.id if isinstance(node.value, ast.Name) else None
+                if receiver not in ("self", "cls") and node.attr not in own:
+                    found.append(f"{path.name}:{node.lineno}: .{node.attr}")
+    assert not found, f"private Lightning/PyTorch access outside mt2st_lightning/internals.py: {found}"

@@ -172,6 +172,18 @@ def test_all_float16_losses_are_summed_in_float32():
     assert total.item() == pytest.approx(1.5001, abs=1e-6)
 
 
+def test_all_bfloat16_losses_are_summed_in_float32():
+    # bf16 (what "bf16-mixed" autocast gives) keeps 8 bits of mantissa: 1 + 1e-3 is 1 in a bf16 sum. A sum that
+    # cast to float32 only under float16 would return a bf16 total of exactly 1 here.
+    model = toy_model()
+    model.task_weights = {"recon": 1e-3, "parity": 1e-3}
+    bf16 = {t: torch.tensor(1.0, dtype=torch.bfloat16) for t in ("label", "recon", "parity")}
+    assert (bf16["label"] + 1e-3 * bf16["recon"] + 1e-3 * bf16["parity"]).item() == 1.0  # what bf16 would give
+    total = model.mt2st_loss(bf16)
+    assert total.dtype == torch.float32
+    assert total.item() == pytest.approx(1.002, abs=1e-6)
+
+
 @pytest.mark.parametrize(
     ("bad", "error", "match"),
     [

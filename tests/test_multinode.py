@@ -80,23 +80,3 @@ def test_two_nodes_switch_together_and_keep_dropped_heads_frozen(tmp_path):
     for name, p in states[0]["final"].items():
         assert torch.equal(p, states[1]["final"][name]), f"{name} differs between the nodes"
         assert torch.equal(states[0]["at_drop"][name], states[1]["at_drop"][name]), f"{name} differs at the drop"
-
-
-def test_readme_slurm_multinode_command_matches_nodes_and_devices():
-    # The README's cluster version of the run above: SLURM's nodes and tasks must agree with the Trainer's.
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the optional extra [slurm]")
-    from hydra import compose, initialize_config_dir
-
-    from mt2st_lightning.app.train import CONFIG_DIR
-
-    (line,) = [
-        line for line in (ROOT / "README.md").read_text().splitlines()
-        if line.startswith("mt2st-train") and "hydra/launcher=slurm" in line and "trainer.num_nodes" in line
-    ]
-    overrides = [arg for arg in line.split()[1:] if arg != "--multirun"]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    launcher, trainer = cfg.hydra.launcher, cfg.trainer
-    assert launcher._target_.endswith("SlurmLauncher") and trainer.strategy == "ddp"
-    assert launcher.nodes == trainer.num_nodes == 2
-    assert launcher.tasks_per_node == launcher.gpus_per_node == trainer.devices

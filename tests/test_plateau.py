@@ -166,10 +166,12 @@ def test_the_first_step_after_the_deciding_check_drops_every_active_head():
         assert policy.weights(t, TASKS) == {"recon": 0.5, "parity": 2.0}
     assert policy.wait_count == 1 and policy.decided_at is None
     policy.observe_validation(40, {KEY: torch.tensor(0.55)}, reduce)  # the second check without improvement
-    assert policy.decided_at == 40 and policy.fired_at is None
+    assert policy.decided_at == 40
     assert reduce.any_calls == [False, False, False, True]
+    before = policy.state_dict()
     assert set(policy.finished(40, TASKS)) == set(TASKS)
-    assert policy.fired_at == 40
+    assert set(policy.finished(40, TASKS)) == set(TASKS)  # a question: asked twice, the same answer
+    assert policy.state_dict() == before  # ...and no state changed by asking
     assert policy.finished(41, ()) == ()  # nothing left to drop
     # Decided once and for all: later checks neither undo it nor count on.
     policy.observe_validation(50, {KEY: torch.tensor(0.99)}, reduce)
@@ -193,14 +195,18 @@ def test_min_step_defers_the_drop_and_max_step_forces_it():
     policy.observe_validation(10, {KEY: torch.tensor(1.0)}, reduce)
     assert policy.decided_at == 10
     assert policy.finished(10, TASKS) == () and policy.finished(19, TASKS) == ()  # never before min_step = 20
-    assert set(policy.finished(20, TASKS)) == set(TASKS) and policy.fired_at == 20
+    assert set(policy.finished(20, TASKS)) == set(TASKS) and set(policy.finished(21, TASKS)) == set(TASKS)
 
     never_plateaus = PlateauSwitch(KEY, mode="min", patience=1, max_step=0.5)
     never_plateaus.bind(TASKS, total=100, unit="step")
     for t in range(0, 50, 5):
         never_plateaus.observe_validation(t, {KEY: torch.tensor(-float(t))}, reduce)
         assert never_plateaus.finished(t, TASKS) == ()
-    assert set(never_plateaus.finished(50, TASKS)) == set(TASKS) and never_plateaus.fired_at == 50
+    assert set(never_plateaus.finished(50, TASKS)) == set(TASKS)
+    assert never_plateaus.decided_at is None
+    # Forced by max_step: later checks no longer count (the heads are gone), and decide nothing.
+    never_plateaus.observe_validation(55, {KEY: torch.tensor(0.0)}, reduce)
+    never_plateaus.observe_validation(60, {KEY: torch.tensor(0.0)}, reduce)
     assert never_plateaus.decided_at is None
 
 
@@ -258,7 +264,7 @@ def test_a_checkpoint_of_another_monitor_is_refused():
         ({"monitor": KEY, "min_delta": -0.1}, "min_delta must be a finite number >= 0"),
         ({"monitor": KEY, "min_step": 1.5}, "min_step=1.5: a float is a fraction"),
         ({"monitor": KEY, "max_step": -1}, "max_step must be >= 0"),
-        ({"monitor": KEY, "max_step": "10"}, "max_step must be an int step"),
+        ({"monitor": KEY, "max_step": "10"}, r"max_step must be an int \(step or epoch\) or a float in \(0, 1\)"),
         ({"monitor": KEY, "min_step": 50, "max_step": 10}, "min_step=50 lies after max_step=10"),
         ({"monitor": KEY, "gamma0": -1.0}, "gamma0 must be a finite number >= 0"),
     ],
@@ -377,7 +383,7 @@ def test_a_real_fit_switches_at_the_step_after_early_stopping_signals(tmp_path):
     mt2st, model, trainer = plateau_fit(tmp_path, 8, extra=[early_stopping, signal], logger=logger)
     assert signal.epoch == 5  # EarlyStopping's verdict; min_epochs keeps the fit going past it
     switch_step = (signal.epoch + 1) * BATCHES
-    assert mt2st.policy.decided_at == mt2st.policy.fired_at == switch_step
+    assert mt2st.policy.decided_at == switch_step
     assert mt2st.drop_times == {"recon": switch_step, "parity": switch_step}
     assert model.active_tasks == ("label",) and trainer.global_step == 8 * BATCHES
     logged = {k: v for _, row in logger.rows for k, v in row.items() if k.startswith(SWITCH_STEP_PREFIX)}
@@ -399,7 +405,7 @@ def test_a_fit_resumed_mid_wait_switches_at_the_same_step(tmp_path):
     resumed, model, _ = plateau_fit(tmp_path / "b", 8, ckpt_path=tmp_path / "mid_wait.ckpt")
     uninterrupted, _, _ = plateau_fit(tmp_path / "c", 8)
     assert resumed.drop_times == uninterrupted.drop_times == {"recon": 6 * BATCHES, "parity": 6 * BATCHES}
-    assert resumed.policy.fired_at == uninterrupted.policy.fired_at
+    assert resumed.policy.decided_at == uninterrupted.policy.decided_at
     assert model.active_tasks == ("label",)
 
 
@@ -431,7 +437,7 @@ def test_under_ddp_a_plateau_on_one_rank_switches_every_rank_at_the_same_step(tm
     # 1, so its wait reaches patience 2 at the check ending epoch 3 (step 16); rank 0's never does.
     for state in ranks:
         assert state["world_size"] == 2 and state["global_step"] == 24
-        assert state["decided_at"] == state["fired_at"] == 16
+        assert state["decided_at"] == 16
         assert state["drop_times"] == {"recon": 16, "parity": 16}
         assert state["active"] == ("label",)
     assert ranks[0]["wait_count"] == 0 and ranks[1]["wait_count"] == 2  # only rank 1's own value said so

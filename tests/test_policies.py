@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pickle
+import typing
 
 import numpy as np
 import pytest
@@ -21,12 +22,14 @@ from mt2st_lightning.policies import (
     STRATEGIES,
     FisherPolicy,
     GradNormPolicy,
+    MeasuredPolicy,
     NoisePolicy,
     Policy,
     SchedulePolicy,
     policy_for,
     schedules_for,
 )
+from mt2st_lightning.policies.params import parameters_of
 from mt2st_lightning.schedules import Constant, Diminish, Product, Schedule, Switch
 from mt2st_lightning.step_record import StepRecord
 
@@ -89,9 +92,10 @@ def _step(policy: Policy, t: int, record: StepRecord, reduce=None) -> dict[str, 
 
 # ---------------------------------------------------------------------------------------------- names
 def test_strategy_names_exist_once():
-    assert STRATEGIES == ("stl", "mtl", "diminish", "switch", "gradnorm", "fisher", "noise", "plateau", "conflict")
-    assert ADAPTIVE_STRATEGIES == ("gradnorm", "fisher", "noise")
-    assert tuple(REGISTRY) == STRATEGIES
+    # The registry is the one list of strategies: names, the README's order, the adaptive ones.
+    assert STRATEGIES == tuple(REGISTRY)
+    assert ADAPTIVE_STRATEGIES == tuple(name for name, cls in REGISTRY.items() if issubclass(cls, MeasuredPolicy))
+    assert {"stl", "mtl", "diminish", "switch", "gradnorm", "fisher", "noise", "plateau", "conflict"} <= set(STRATEGIES)
     import mt2st_lightning
     import mt2st_lightning.schedules
 
@@ -99,19 +103,31 @@ def test_strategy_names_exist_once():
     assert not hasattr(mt2st_lightning.schedules, "STRATEGIES")  # schedules.py is just schedules
 
 
+# The parameters each strategy needs to be built at all (everything else has a default).
+REQUIRED = {"switch": {"switch_at": 10}, "plateau": {"monitor": "val/loss"}}
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_registered_strategy_is_a_typed_policy_class(name):
+    cls = REGISTRY[name]
+    assert isinstance(cls, type) and issubclass(cls, Policy) and cls.name == name
+    policy = policy_for(name, **REQUIRED.get(name, {}))
+    assert type(policy) is cls and policy.name == name
+    # Its parameters are its typed keyword arguments: the one place the strategy declares them.
+    hints = typing.get_type_hints(cls.__init__)
+    for param in parameters_of(cls):
+        assert param in hints, f"{cls.__name__}({param}=...) has no type: LightningCLI could not check it"
+    # A class built directly is the same policy (the Lightning-native `policy: {class_path: ...}` form).
+    direct = cls(**REQUIRED.get(name, {}))
+    assert type(direct) is cls and direct.state_dict().keys() == policy.state_dict().keys()
+
+
 def test_policy_for_builds_each_strategy():
-    kinds = {
-        "stl": SchedulePolicy,
-        "mtl": SchedulePolicy,
-        "diminish": SchedulePolicy,
-        "switch": SchedulePolicy,
-        "gradnorm": GradNormPolicy,
-        "fisher": FisherPolicy,
-        "noise": NoisePolicy,
-    }
+    kinds = {"gradnorm": GradNormPolicy, "fisher": FisherPolicy, "noise": NoisePolicy}
     for name, kind in kinds.items():
-        policy = policy_for(name, **({"switch_at": 10} if name == "switch" else {}))
-        assert type(policy) is kind and policy.name == name
+        assert type(policy_for(name)) is kind
+    for name in ("stl", "mtl", "diminish", "switch"):
+        assert isinstance(policy_for(name, **REQUIRED.get(name, {})), SchedulePolicy)
     assert policy_for("plateau", monitor="val/loss").name == "plateau"
     assert policy_for("conflict").name == "conflict"
     custom = policy_for(None, schedules={"a": Constant(0.5)})
@@ -607,3 +623,23 @@ def test_a_resume_inside_a_measured_time_does_not_measure_it_again(strategy):
     resumed.load_state_dict(pickle.loads(pickle.dumps(policy.state_dict())))
     resumed.weights(3, ("a", "b"))
     assert not resumed.wants_step(3) and resumed.wants_step(4)
+
+
+def _same_state(a, b) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, Tensor):
+        return isinstance(b, Tensor) and torch.equal(a, b)
+    return a == b
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_finished_is_a_question_for_every_strategy(name):
+    # The callback asks finished() at every step boundary and at the start of a (resumed) fit: the answer must
+    # not depend on how often it is asked, and asking must change no state.
+    policy = _bound(policy_for(name, **REQUIRED.get(name, {})))
+    before = policy.state_dict()
+    for t in (0, 10, 50, 99, 10):
+        first, second = policy.finished(t, AUX), policy.finished(t, AUX)
+        assert list(first) == list(second), f"{name}: finished({t}) answered {first}, then {second}"
+    assert _same_state(policy.state_dict(), before), f"{name}.finished() changed the policy's state"

@@ -1,24 +1,23 @@
-"""Every README code block marked `readme-example` runs as it is written."""
+"""The README keeps its promises: its code example runs as it is written (and is the docs' first example), its
+two commands set up everything they claim to, the docs pages it names exist, and its command lines compose.
+The pages are read by ``tests/doc_examples.py``, as the docs' are."""
 
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+from tests.doc_examples import check_train_command_composes, examples, run_example, train_commands
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 
 
-def _examples() -> list[str]:
-    """Each marked block; a block marked "continues" runs after the one before it (it reuses its names)."""
-    examples: list[str] = []
-    for marker, code in re.findall(r"<!-- readme-example([^>]*)-->\s*```python\n(.*?)```", README.read_text(), flags=re.S):
-        examples.append(examples[-1] + "\n" + code if "continues" in marker and examples else code)
-    return examples
-
-
-EXAMPLES = _examples()
+EXAMPLES = examples(README)
 
 
 def test_readme_has_examples():
@@ -27,47 +26,71 @@ def test_readme_has_examples():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("code", EXAMPLES, ids=[f"example{i}" for i in range(len(EXAMPLES))])
-def test_readme_example_runs(code, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
+def test_readme_example_runs(code, tmp_path):
+    run_example(code, README, tmp_path)
 
 
-def _train_commands() -> list[str]:
-    """Every `mt2st-train ...` command line in the shell blocks of the README and of the experiments' pages
-    (fenced ```bash blocks, and the results pages' indented blocks)."""
-    lines = []
-    for path in (README, *sorted((README.parent / "experiments").glob("*.md"))):
-        text = path.read_text()
-        blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-        blocks += re.findall(r"^    (mt2st-train .*)$", text, flags=re.M)
-        for block in blocks:
-            lines += [line.split("#")[0].strip() for line in block.splitlines() if line.strip().startswith("mt2st-train")]
-    return lines
+def test_readme_example_is_the_docs_first_example():
+    # The README shows the docs' first example; the two must not drift apart.
+    assert EXAMPLES[0] == examples(DOCS / "callback.md")[0]
 
 
-TRAIN_COMMANDS = _train_commands()
+#: The README's two commands, exactly: the main job, and the tests.
+MAIN_JOB = 'pip install "torch==2.13.0" -e ".[all]" && mt2st-train --multirun experiment=paper_digits'
+TESTS = 'pip install "torch==2.13.0" -e ".[test]" && python -m pytest'
 
 
-def test_readme_has_train_commands():
+@pytest.mark.parametrize("page", [README, DOCS / "getting-started.md"], ids=["README", "getting-started"])
+def test_the_two_commands_are_given_as_they_are(page):
+    blocks = re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S)
+    assert [MAIN_JOB + "\n", TESTS + "\n"] == [block for block in blocks if block in (MAIN_JOB + "\n", TESTS + "\n")]
+
+
+def test_the_two_commands_install_what_they_run():
+    # [all] holds every optional part the main job needs (the app runs the example models and writes the report);
+    # [test] holds all of that, and the docs tools for the docs build test.
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for part in ("app", "report", "examples", "text"):
+        assert set(extras[part]) <= set(extras["all"]), f"[all] misses part of [{part}]"
+    for part in ("all", "docs"):
+        assert set(extras[part]) <= set(extras["test"]), f"[test] misses part of [{part}]"
+
+
+def test_readme_architecture_names_the_four_packages_and_their_extras():
+    import importlib.util
+
+    from mt2st_lightning.extras import EXTRAS
+
+    text = README.read_text()
+    section = text[text.index("## Architecture"):text.index("## Documentation")]
+    rows = re.findall(r"^\| `(mt2st_lightning[\w.]*)` \|.*\| (.*) \|$", section, flags=re.M)
+    assert [package for package, _ in rows] == [
+        "mt2st_lightning", "mt2st_lightning.app", "mt2st_lightning.report", "mt2st_lightning.examples"
+    ]
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for package, install in rows:
+        assert importlib.util.find_spec(package) is not None, package
+        named = re.findall(r"`\[(\w+)\]`", install)
+        assert all(extra in extras and extra in EXTRAS for extra in named), (package, named)
+        # Each optional part names its extra; the core needs none.
+        assert bool(named) == (package != "mt2st_lightning"), package
+
+
+def test_readme_links_into_the_docs_exist():
+    # The README names docs pages as paths (docs/....md), for readers on GitHub and in the sdist alike.
+    named = re.findall(r"`(docs/[\w./-]+\.md)`", README.read_text())
+    assert len(named) >= 8
+    missing = [path for path in named if not (ROOT / path).is_file()]
+    assert not missing, f"the README names docs pages that do not exist: {missing}"
+
+
+TRAIN_COMMANDS = train_commands([README, *sorted((ROOT / "experiments").glob("*.md"))])
+
+
+def test_readme_and_experiments_have_train_commands():
     assert len(TRAIN_COMMANDS) >= 5
 
 
 @pytest.mark.parametrize("command", TRAIN_COMMANDS)
 def test_readme_train_commands_compose(command):
-    # Every sweep value must compose: each one in turn, with the first value of the other swept parameters.
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the optional extra [slurm]")
-    from hydra import compose, initialize_config_dir
-
-    from mt2st_lightning.app.train import CONFIG_DIR
-
-    overrides = [arg.strip("'\"") for arg in command.split()[1:] if arg != "--multirun" and arg != "\\"]
-    sweeps = {i: o.split("=", 1)[1].split(",") for i, o in enumerate(overrides) if "," in o.split("=", 1)[-1]}
-    jobs = [[o.split("=", 1)[0] + "=" + sweeps[i][0] if i in sweeps else o for i, o in enumerate(overrides)]]
-    for i, values in sweeps.items():
-        for value in values[1:]:
-            job = list(jobs[0])
-            job[i] = overrides[i].split("=", 1)[0] + "=" + value
-            jobs.append(job)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        for job in jobs:
-            compose("train", overrides=job, return_hydra_config=any(o.startswith("hydra") for o in job))
+    check_train_command_composes(command)

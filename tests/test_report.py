@@ -5,12 +5,28 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import statistics
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from mt2st_lightning.report import Run, Stat, collect_runs, main, markdown_table, summarize, write_report
+from mt2st_lightning import policies
+from mt2st_lightning.app.run_format import DEFAULT_PRIMARY_METRIC_NAME, RunSummary
+from mt2st_lightning.report import (
+    Run,
+    Stat,
+    collect_runs,
+    main,
+    markdown_table,
+    strategy_order,
+    summarize,
+    write_report,
+)
+from tests.test_run_format import VERSION_0_SUMMARY
 
 FULL, SINGLE = "digit+recon", "digit"
 
@@ -57,26 +73,35 @@ def write_run(
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    summary = {
-        "label": label or strategy,
-        "strategy": strategy,
-        "seed": seed,
-        "primary_task": "digit",
-        "test_primary_metric": test_acc,
-        "best_val_primary_metric": max(acc for _, acc, _, _ in val),
-        "final_val_primary_metric": val[-1][1],
-        "train_flops": flops,
-        "train_time_s": 10.0,
-        "fit_wall_time_s": 12.0,
-        "phases": phases or {FULL: {"batches": 1, "flops_per_batch": 2}},
-        "drop_times": drop_times or {},
-        "mt2st_unit": unit,
-        "metrics_csv": str((run / "csv" / "metrics.csv").resolve()) if absolute_csv else "csv/metrics.csv",
-        "stream_costs": stream_costs or {},
-        **({"primary_metric_name": metric_name} if metric_name else {}),
-        "test_metrics": {"test/primary_metric": test_acc, "test/loss": 0.5, "test/samples": 100.0, **(test_metrics or {})},
-    }
-    (run / "run_summary.json").write_text(json.dumps(summary))
+    RunSummary(
+        label=label or strategy,
+        strategy=strategy,
+        seed=seed,
+        primary_task="digit",
+        primary_metric_name=metric_name or DEFAULT_PRIMARY_METRIC_NAME,
+        auxiliary_tasks=["recon"],
+        best_val_primary_metric=max(acc for _, acc, _, _ in val),
+        train_flops=flops,
+        train_time_s=10.0,
+        phases=phases or {FULL: {"batches": 1, "flops_per_batch": 2}},
+        drop_times=drop_times or {},
+        mt2st_unit=unit,
+        planned_total=float(val[-1][0] + 1),
+        total_steps=val[-1][0] + 1,
+        epochs=len(val),
+        final_val_primary_metric=val[-1][1],
+        stream_costs=stream_costs or {},
+        val_samples=100.0,
+        metrics_csv=str((run / "csv" / "metrics.csv").resolve()) if absolute_csv else "csv/metrics.csv",
+        output_dir=str(run),
+        settings={},
+        fit_wall_time_s=12.0,
+        resumed_from=None,
+        test_primary_metric=test_acc,
+        test_samples=100.0,
+        test_metrics={"test/primary_metric": test_acc, "test/loss": 0.5, "test/samples": 100.0, **(test_metrics or {})},
+        tested_checkpoint="checkpoints/epoch002.ckpt",
+    ).write(run)
     return run
 
 
@@ -319,9 +344,7 @@ def _settings(**changes) -> dict:
 
 
 def _with_settings(run: Path, settings: dict) -> None:
-    summary = json.loads((run / "run_summary.json").read_text())
-    summary["settings"] = settings
-    (run / "run_summary.json").write_text(json.dumps(summary))
+    replace(RunSummary.read(run), settings=settings).write(run)
 
 
 def test_runs_of_one_label_with_other_settings_are_split_with_a_message(tmp_path, capsys):
@@ -407,7 +430,8 @@ def test_the_weight_plot_says_where_its_weights_start_and_draws_runs_without_a_c
 def test_the_curves_show_accuracy_in_percent_with_one_legend_and_the_drops(sweep):
     report = write_report(sweep)
     assert {p.name for p in report.plots} >= {"curves_vs_step.png", "curves_vs_flops.png"}
-    from mt2st_lightning.report import _drop_points, group_runs
+    from mt2st_lightning.report import group_runs
+    from mt2st_lightning.report.plots import _drop_points
 
     groups = group_runs(collect_runs(sweep))
     assert _drop_points(next(g for g in groups if g.label == "switch"), "step") == [30.0]
@@ -473,9 +497,9 @@ def test_what_the_auxiliary_streams_loaded_gets_a_table_of_its_own(tmp_path):
 
 def test_stream_costs_of_older_summaries_come_from_the_metrics(tmp_path):
     rows = [{"step": 3.0, "stream/images/batches": 4.0}, {"step": 7.0, "stream/images/batches": 8.0}, {"step": 9.0}]
-    older = Run(tmp_path, {"strategy": "switch"}, rows)  # a summary written before it held stream_costs
+    older = Run(tmp_path, RunSummary.from_dict(VERSION_0_SUMMARY), rows)  # written before it held stream_costs
     assert older.stream_costs == {"stream/images/batches": 8.0}  # the last logged cumulative count
-    newer = Run(tmp_path, {"strategy": "switch", "stream_costs": {}}, rows)
+    newer = Run(tmp_path, replace(older.summary, stream_costs={}), rows)
     assert newer.stream_costs == {}  # the summary's own record wins
 
 
@@ -509,3 +533,65 @@ def test_runs_without_a_metric_name_are_accuracy(sweep):
     summary = summarize(collect_runs(sweep))
     assert summary.metric == "accuracy"
     assert "| test acc (%) | best val acc (%) |" in markdown_table(summary)
+
+
+# ---------------------------------------------------------------------------------------------- the registry's order
+def test_rows_follow_the_registrys_order_and_other_labels_follow_alphabetically(tmp_path):
+    for label in ("aaa", "conflict", "plateau", "switch", "stl", "zeta"):
+        write_run(tmp_path, label, strategy=label if label in policies.STRATEGIES else "switch", label=label,
+                  seed=0, flops=100, val=[(9, 0.5, 10, 1.0)])
+    # plateau before conflict, as registered (alphabetically, conflict would come first).
+    assert list(rows_by_label(tmp_path)) == ["stl", "switch", "plateau", "conflict", "aaa", "zeta"]
+
+
+def test_a_newly_registered_strategy_takes_its_place_in_the_order(tmp_path, monkeypatch):
+    write_run(tmp_path, "aaa", strategy="switch", label="aaa", seed=0, flops=100, val=[(9, 0.5, 10, 1.0)])
+    write_run(tmp_path, "toy", strategy="toy", seed=0, flops=100, val=[(9, 0.5, 10, 1.0)])
+    assert list(rows_by_label(tmp_path)) == ["aaa", "toy"]  # not a strategy: alphabetical, after the known ones
+    # Registered after the report was imported, and nothing in the report changes (it reads the name alone: any
+    # policy class stands in for the toy one).
+    monkeypatch.setitem(policies.REGISTRY, "toy", policies.SwitchPolicy)
+    assert strategy_order()[-1] == "toy"
+    assert list(rows_by_label(tmp_path)) == ["toy", "aaa"]
+
+
+# ---------------------------------------------------------------------------------------------- summary formats
+def test_runs_written_before_the_summary_had_a_version_are_reported(sweep):
+    older = sweep / "5_switch_seed2"
+    (older / "csv").mkdir(parents=True)
+    (older / "csv" / "metrics.csv").write_text("epoch,step,val/primary_metric,cost/flops_at_val,cost/time_s_at_val\n0,9,0.5,1000,1.5\n")
+    (older / "run_summary.json").write_text(json.dumps({**VERSION_0_SUMMARY, "seed": 2, "train_flops": 6500}))
+    rows = rows_by_label(sweep)
+    # One row with the newer switch runs: a version-0 summary has no settings, and neither do these.
+    assert rows["switch"].seeds == [0, 1, 2]
+    assert rows["switch"].test_acc.n == 3 and rows["switch"].compression.mean == pytest.approx(1 - 6500 / 5000)
+
+
+def test_a_summary_of_a_newer_version_stops_the_report_with_a_message(sweep, capsys):
+    newer = sweep / "5_newer"
+    newer.mkdir()
+    content = json.loads((sweep / "0_stl_seed0" / "run_summary.json").read_text())
+    (newer / "run_summary.json").write_text(json.dumps({**content, "format_version": 99}))
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(sweep)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"mt2st-report: error: {newer / 'run_summary.json'} has format_version 99" in err and "pip install -U" in err
+
+
+def test_reading_and_tabulating_runs_needs_no_matplotlib(sweep):
+    # Lightning imports matplotlib through torchmetrics where it is installed: hide it once Lightning is loaded,
+    # as in an environment without the [report] extra, then read and tabulate without drawing.
+    code = f"""
+import sys
+import lightning
+for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+    del sys.modules[name]
+sys.modules["matplotlib"] = None
+from mt2st_lightning.report import collect_runs, markdown_table, summarize
+print(markdown_table(summarize(collect_runs({str(sweep)!r}))))
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| switch | 2 |" in result.stdout

@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from mt2st_lightning import MT2STCallback
 from tests.conftest import StepRecorder, toy_loader, toy_model, toy_trainer
@@ -152,3 +153,56 @@ def test_testing_a_checkpoint_from_before_the_switch_keeps_the_users_frozen_para
     assert model.active_tasks == ("label", "recon", "parity")
     assert not frozen.requires_grad
     assert all(p.requires_grad for p in model.heads["recon"].parameters() if p is not frozen)
+
+
+class RestoresAfterSetup(SingleDeviceStrategy):
+    """A strategy that restores the checkpoint after setup (after the optimizers are built and the model is
+    wrapped), as ModelParallelStrategy and FSDP do: the callback's state then arrives after on_fit_start."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("release", [False, True], ids=["kept", "released"])
+@pytest.mark.parametrize("after_setup", [False, True], ids=["restored-before-setup", "restored-after-setup"])
+@pytest.mark.parametrize("same_module", [False, True], ids=["fresh-module", "same-module"])
+def test_resume_after_the_switch_whatever_the_restore_order(tmp_path, release, after_setup, same_module):
+    # A `filter(requires_grad)` optimizer, resumed after the switch: into a fresh module, or into the module that
+    # saved the checkpoint (its heads frozen by the drop when the optimizer is built), with the checkpoint
+    # restored before setup (DDP, single device) or after it (as ModelParallelStrategy and FSDP restore).
+    def run(root, stop_after=None, resume=None, model=None):
+        callbacks = [
+            MT2STCallback("switch", switch_at=3, release_heads=release),
+            ModelCheckpoint(dirpath=root, save_last=True),
+        ]
+        if stop_after is not None:
+            callbacks.append(StopAfterEpoch(stop_after))
+        model = model or _only_trainable()
+        strategy = RestoresAfterSetup(device=torch.device("cpu")) if after_setup and resume else "auto"
+        trainer = toy_trainer(root, callbacks, max_epochs=3, enable_checkpointing=True, strategy=strategy)
+        trainer.fit(model, toy_loader(), ckpt_path=resume)
+        return model, callbacks[0]
+
+    full, _ = run(tmp_path / "full")
+    part, _ = run(tmp_path / "part", stop_after=0)  # 6 steps: after the switch at 3
+    assert part.dropped_tasks == frozenset({"recon", "parity"})
+    resumed, callback = run(tmp_path / "resumed", resume=tmp_path / "part" / "last.ckpt", model=part if same_module else None)
+    assert callback.drop_times == {"recon": 3, "parity": 3}
+    assert resumed.active_tasks == ("label",)
+    assert not any(p.requires_grad for t in ("recon", "parity") for p in resumed.heads[t].parameters())
+    assert resumed.released_tasks == (frozenset({"recon", "parity"}) if release else frozenset())
+    for (name, p), (_, q) in zip(resumed.named_parameters(), full.named_parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+def test_the_callback_saves_its_drops_and_the_optimizers_layout(tmp_path):
+    trainer, model = _checkpoint_after_switch(tmp_path, strategy="switch", switch_at=3, release_heads=True)
+    state = next(s for k, s in torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"].items()
+                 if "MT2STCallback" in k)
+    assert state["drop_times"] == {"recon": 3, "parity": 3}
+    assert state["released"] == ["parity", "recon"]
+    (groups,) = state["optimizer_layout"]  # one optimizer: its groups' parameter names, dropped heads included
+    assert [name for group in groups for name in group] == [name for name, _ in model.named_parameters()]
+    assert "release_heads" not in state and "stats" not in state

@@ -15,10 +15,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(*cmd: str | Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    # Nothing may point back into the checkout: no PYTHONPATH, and a working directory outside it.
+def _run(
+    *cmd: str | Path, cwd: Path, pythonpath: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    # Nothing may point back into the checkout: PYTHONPATH holds the installed wheel alone, and the working
+    # directory lies outside the checkout.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
     result = subprocess.run(
         [str(c) for c in cmd], check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -28,21 +33,26 @@ def _run(*cmd: str | Path, cwd: Path, timeout: float = 300) -> subprocess.Comple
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> dict[str, Path]:
-    """The wheel, and a venv that sees the system's torch/lightning (--system-site-packages) but holds its own,
-    non-editable mt2st_lightning from that wheel."""
+    """The wheel, installed non-editable into a folder of its own that this interpreter puts first on its path.
+
+    Not a venv made from this interpreter: ``venv --system-site-packages`` made from inside a venv sees the base
+    interpreter's packages, not this one's (where torch and lightning are). A ``--target`` folder on PYTHONPATH
+    works the same in a venv, a conda environment or a system Python, and comes before the editable install of
+    this checkout, which stays visible through site-packages."""
     base = tmp_path_factory.mktemp("wheel")
     assert not base.resolve().is_relative_to(ROOT)
     # hatchling (the build backend, in the test extra) is used as installed: no download at test time.
     _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", ROOT, "-w", base / "dist", cwd=base)
     (wheel,) = (base / "dist").glob("mt2st_lightning-*.whl")
-    venv = base / "venv"
-    _run(sys.executable, "-m", "venv", "--system-site-packages", venv, cwd=base)
-    python = venv / "bin" / "python"
-    # --ignore-installed: the editable install of this checkout is visible through the system site-packages.
-    _run(python, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", wheel, cwd=base)
+    site = base / "site"
+    _run(sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", site, wheel, cwd=base)
     outside = base / "elsewhere"
     outside.mkdir()
-    return {"wheel": wheel, "venv": venv, "python": python, "train": venv / "bin" / "mt2st-train", "cwd": outside}
+    return {"wheel": wheel, "site": site, "train": site / "bin" / "mt2st-train", "cwd": outside}
+
+
+def _run_installed(installed: dict[str, Path], *cmd: str | Path) -> subprocess.CompletedProcess:
+    return _run(*cmd, cwd=installed["cwd"], pythonpath=installed["site"])
 
 
 @pytest.mark.slow
@@ -56,24 +66,24 @@ def test_wheel_holds_the_package_and_every_config(installed):
 @pytest.mark.slow
 def test_installed_wheel_is_what_the_scratch_environment_imports(installed):
     code = "import json, mt2st_lightning, mt2st_lightning.app.train as t; print(json.dumps([mt2st_lightning.__file__, str(t.CONFIG_DIR)]))"
-    package, config_dir = json.loads(_run(installed["python"], "-c", code, cwd=installed["cwd"]).stdout)
-    site = installed["venv"].resolve()
+    package, config_dir = json.loads(_run_installed(installed, sys.executable, "-c", code).stdout)
+    site = installed["site"].resolve()
     assert Path(package).resolve().is_relative_to(site), f"imported {package}, not the wheel's copy"
     assert Path(config_dir).resolve().is_relative_to(site) and (Path(config_dir) / "train.yaml").is_file()
 
 
 @pytest.mark.slow
 def test_installed_app_prints_its_config_from_outside_the_repository(installed):
-    out = _run(installed["train"], "--cfg", "job", cwd=installed["cwd"]).stdout
+    out = _run_installed(installed, installed["train"], "--cfg", "job").stdout
     assert "_target_: mt2st_lightning.MT2STCallback" in out and "_target_: mt2st_lightning.examples.data.DigitsDataModule" in out
 
 
 @pytest.mark.slow
 def test_installed_app_trains_one_batch_from_outside_the_repository(installed):
-    _run(installed["train"], "trainer.fast_dev_run=true", cwd=installed["cwd"])
+    _run_installed(installed, installed["train"], "trainer.fast_dev_run=true")
     (summary,) = (installed["cwd"] / "outputs").rglob("run_summary.json")
     run = json.loads(summary.read_text())
     assert run["total_steps"] == 1 and run["test_primary_metric"] is not None
     # Hydra read the configs that the wheel installed, not the checkout's conf/.
     hydra = (summary.parent / ".hydra" / "hydra.yaml").read_text()
-    assert str(installed["venv"] / "lib") in hydra and str(ROOT / "conf") not in hydra
+    assert str(installed["site"]) in hydra and str(ROOT / "conf") not in hydra

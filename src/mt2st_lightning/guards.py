@@ -3,13 +3,19 @@
 Reading a GPU tensor's value on the host (``.item()``, ``bool(t)``) waits for the device to finish, which stops
 the CPU from queueing the next step ahead. So the guard keeps what it needs on the device and reads it rarely:
 
-- ``"raise"`` (default): each micro-batch's task losses are kept, detached, in a short list (no kernel, no
-  copy). The guard reads them, in one ``.item()``, every ``Trainer(log_every_n_steps=...)`` optimizer steps
-  (at most :data:`CHECK_EVERY` micro-batches apart), at the end of each training epoch, before every checkpoint
-  is written and before a policy observes a step. A non-finite loss therefore stops training up to that many
-  steps *after* it happened (never after a checkpoint of the damage was saved); the error names the task and
-  the step at which it happened, and the step at which it was found. Under DDP the ranks agree through one
-  all-reduce, at the read only.
+- ``"raise"`` (default): each micro-batch's weighted total (the float32 tensor ``mt2st_loss`` returned) is kept,
+  detached, in a short list: no kernel, no copy, and no task loss kept alive past its step (keeping every task's
+  loss until the read cost the benchmark's MLP 1.3% of its multi-task step; ``benchmarks/RESULTS.md``). A NaN/inf
+  task loss makes the total non-finite (``0 * inf`` is nan): one finiteness check of the totals covers every task.
+  The guard reads them, in one ``.item()``, every ``Trainer(log_every_n_steps=...)`` optimizer steps (at most
+  :data:`CHECK_EVERY` micro-batches apart), at the end of each training epoch, before every checkpoint is written
+  and before a policy observes a step. A non-finite loss therefore stops training up to that many steps *after* it
+  happened (never after a checkpoint of the damage was saved). The error names the step at which it happened and
+  the step at which it was found; it names the task too when the read falls in the micro-batch that went wrong
+  (every step with ``log_every_n_steps=1``), and otherwise the tasks whose weighted losses made the total. Under
+  DDP the ranks agree through one all-reduce at the read, except before a checkpoint written after an exception
+  (Lightning's ``OnExceptionCheckpoint``), which one rank can reach alone: that read checks this rank's own
+  losses, with no collective.
 - ``"skip"``: a non-finite loss on any rank drops that optimizer step's update on every rank. The flag stays on
   the device for every micro-batch of the step; the ranks agree by all-reducing the flag tensor, and the flag is
   read on the host **once per optimizer step**, before the optimizer runs: a general optimizer (momentum,
@@ -27,6 +33,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import TrainerStatus
 from torch import Tensor
 
 __all__ = ["CHECK_EVERY", "NonFiniteGuard", "NonFiniteLossError"]
@@ -58,8 +65,8 @@ class NonFiniteGuard:
         self.active = mode != "off"
         #: "raise" reads after this many micro-batches (see :meth:`read_every`).
         self.capacity = CHECK_EVERY
-        # "raise": (time, task names, detached losses) per micro-batch since the last read.
-        self._pending: list[tuple[int, tuple[str, ...], tuple[Tensor, ...]]] = []
+        # "raise": (time, task names, detached weighted total) per micro-batch since the last read.
+        self._pending: list[tuple[int, tuple[str, ...], Tensor]] = []
         # "skip": the device flag of the current optimizer step, and the decision once it has been read.
         self._bad: Tensor | None = None
         self._decided: bool | None = None
@@ -75,13 +82,12 @@ class NonFiniteGuard:
 
     # ---------------------------------------------------------------- each micro-batch, before backward
     def record(self, trainer: pl.Trainer, t: int, losses: Mapping[str, Tensor], total: Tensor) -> None:
-        """Keep this micro-batch's losses (``"raise"``) or fold them into the step's flag (``"skip"``); no sync."""
+        """Keep this micro-batch's total (``"raise"``) or fold it into the step's flag (``"skip"``); no sync.
+        ``losses`` are only looked at if a read in this micro-batch finds its total non-finite."""
         if self.mode == "raise":
-            # Single-task (after the switch) the float32 total is the primary loss: one detach, no generator.
-            values = (total.detach(),) if len(losses) == 1 else tuple(v.detach() for v in losses.values())
-            self._pending.append((t, tuple(losses), values))
+            self._pending.append((t, tuple(losses), total.detach()))
             if len(self._pending) >= self.capacity:
-                self.check(trainer, t)
+                self._read(trainer, t, losses)
         elif self.mode == "skip":
             if self._decided is not None:  # the first micro-batch of a new optimizer step
                 self._bad, self._decided = None, None
@@ -91,39 +97,56 @@ class NonFiniteGuard:
 
     # ---------------------------------------------------------------- "raise": the delayed read
     def check(self, trainer: pl.Trainer, now: int) -> None:
-        """Read the kept losses (one sync; under DDP one all-reduce) and raise if any rank saw a non-finite one."""
-        if self.mode != "raise" or not self._pending:
-            return
+        """Read the kept totals (one sync) and raise if any rank saw a non-finite one. Under DDP the ranks agree
+        through one all-reduce, so every rank must call it at the same point, except after an exception (the
+        trainer's status is ``INTERRUPTED``): a checkpoint saved then may be saved by one rank alone, so this
+        rank checks its own losses only, and no collective can wait for a rank that never comes."""
+        if self.mode == "raise" and self._pending:
+            self._read(trainer, now)
+
+    def _read(self, trainer: pl.Trainer, now: int, current: Mapping[str, Tensor] | None = None) -> None:
         pending, self._pending = self._pending, []
-        flat = torch.stack([v for _, _, values in pending for v in values])  # promotes fp16/bf16 mixes
-        finite = torch.isfinite(flat)
+        finite = torch.isfinite(torch.stack([total for _, _, total in pending]))  # promotes fp16/bf16 mixes
         n_bad = finite.logical_not().sum()
-        if trainer.world_size > 1:
+        if trainer.world_size > 1 and trainer.state.status != TrainerStatus.INTERRUPTED:
             n_bad = trainer.strategy.reduce(n_bad.float(), reduce_op="sum")
         if n_bad.item() == 0:
             return
-        where = "a loss on another rank"
-        finite_list, i = finite.tolist(), 0
-        for t, names, values in pending:
-            bad = [name for name, ok in zip(names, finite_list[i : i + len(values)]) if not ok]
-            i += len(values)
-            if bad:
-                where = f"task(s) {bad} at {self.unit} {t}"
-                break
+        # Found: from here on the cost does not matter (a second sync, the per-task analysis).
+        ok = finite.tolist()
+        where, why = "on another rank", ""
+        if not all(ok):
+            first = ok.index(False)
+            t, tasks, _ = pending[first]
+            where = f"at {self.unit} {t}"
+            if current is not None and first == len(pending) - 1:
+                # The micro-batch that went wrong is the one at hand: its task losses say which.
+                bad = [task for task, loss in current.items() if not bool(torch.isfinite(loss).all())]
+                if bad:
+                    where = f"in task(s) {bad} at {self.unit} {t}"
+                else:
+                    why = f" (the weighted total of task(s) {list(tasks)} overflowed; each loss was finite)"
+            else:
+                why = (
+                    f" (in the weighted total of task(s) {list(tasks)}: the guard keeps one total per "
+                    "micro-batch; Trainer(log_every_n_steps=1) reads every step, and names the task)"
+                )
         raise NonFiniteLossError(
-            f"MT2ST: non-finite loss in {where}, found at {self.unit} {now}: the guard reads its flag on the "
-            "device only every log_every_n_steps optimizer steps (at most "
-            f"{CHECK_EVERY} micro-batches apart), at epoch ends and before checkpoints, so training went on until then. "
+            f"MT2ST: non-finite loss {where}, found at {self.unit} {now}{why}: the guard reads its flag on the "
+            f"device only every log_every_n_steps optimizer steps (at most {CHECK_EVERY} micro-batches apart), at "
+            "epoch ends and before checkpoints, so training went on until then. "
             "Lower the learning rate or the auxiliary weights, or pass MT2STCallback(on_nonfinite='skip') to "
             "skip such steps."
         )
 
     # ---------------------------------------------------------------- "skip": one read per optimizer step
-    def all_finite(self, trainer: pl.Trainer) -> bool:
-        """Whether every rank's losses in this optimizer step so far are finite (one sync; all-reduce under DDP)."""
+    def all_finite(self, trainer: pl.Trainer, losses: Mapping[str, Tensor] | None = None) -> bool:
+        """Whether every rank's losses in this optimizer step so far are finite (one sync; all-reduce under DDP).
+        ``"raise"`` raises instead of answering ``False``; given the micro-batch's ``losses`` (the one recorded
+        last), its error names the task if that micro-batch went wrong."""
         if self.mode == "raise":
-            now = self._pending[-1][0] if self._pending else 0
-            self.check(trainer, now)
+            if self._pending:
+                self._read(trainer, self._pending[-1][0], losses)
             return True
         if self.mode == "off" or self._bad is None:
             return True

@@ -1,37 +1,28 @@
-"""Carrying out a drop, and every private Lightning or PyTorch internal the library touches.
+"""Carrying out a drop.
 
 :func:`drop_heads` is the one public function that takes auxiliary heads out of a training run for good:
 freeze them, free their gradients and optimizer state, optionally release their weights, and rebuild the DDP
 reducer so that plain DDP stops waiting for their gradients. ``MT2STCallback`` calls it when its policy says
-a task is finished; nothing else drops a head.
-
-Lightning and PyTorch offer no public API for a few things MT2ST needs. Each such access is one small
-function here, named for what it does, and ``tests/test_internals.py`` has one test per function that fails
-when the internal changes. Nowhere else in ``mt2st_lightning`` reads a private attribute of a foreign object.
+a task is finished, and when a resumed fit re-applies the drops its checkpoint records; nothing else drops a
+head. The Lightning and PyTorch internals it needs live in :mod:`~mt2st_lightning.internals`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
-from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from torch.nn.parallel import DistributedDataParallel
+
+from mt2st_lightning.internals import ddp_comm_hook, remove_ddp_autograd_hooks
 
 if TYPE_CHECKING:
     from mt2st_lightning.mixin import MT2STMixin
 
-__all__ = [
-    "check_can_drop",
-    "drop_heads",
-    "is_logging_step",
-    "logging_step",
-    "rebuild_ddp_reducer",
-    "relaunches_script",
-]
+__all__ = ["check_can_drop", "drop_heads", "rebuild_ddp_reducer"]
 
 log = logging.getLogger("mt2st_lightning")
 
@@ -90,39 +81,3 @@ def rebuild_ddp_reducer(strategy: Strategy) -> bool:
     strategy.model = old.module
     strategy.configure_ddp()
     return True
-
-
-# ---------------------------------------------------------------------------------------- the private internals
-def remove_ddp_autograd_hooks(ddp: DistributedDataParallel) -> None:
-    """PRIVATE (PyTorch): ``DistributedDataParallel._remove_autograd_hooks``. The old reducer's hooks stay on the
-    parameters until it is garbage-collected, and would fire into a dead reducer; remove them now."""
-    remove = getattr(ddp, "_remove_autograd_hooks", None)
-    if remove is not None:  # absent before torch 2.2, where the reducer's destructor removes them
-        remove()
-
-
-def ddp_comm_hook(strategy: Strategy) -> Any:
-    """PRIVATE (Lightning): ``DDPStrategy._ddp_comm_hook``, the communication hook the user registered."""
-    return getattr(strategy, "_ddp_comm_hook", None)
-
-
-def is_logging_step(trainer: pl.Trainer) -> bool:
-    """PRIVATE (Lightning): ``trainer._logger_connector.should_update_logs``: whether the coming optimizer step
-    is one on which Lightning writes to its loggers (every ``log_every_n_steps``), as ``LearningRateMonitor``
-    asks it."""
-    return trainer._logger_connector.should_update_logs
-
-
-def logging_step(trainer: pl.Trainer) -> int:
-    """PRIVATE (Lightning): ``trainer.fit_loop.epoch_loop._batches_that_stepped``: the step index Lightning's own
-    ``self.log`` writes metrics at (``LearningRateMonitor`` uses it too)."""
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
-
-
-def relaunches_script(strategy: Strategy) -> bool:
-    """PRIVATE (Lightning): whether the strategy's launcher is ``_SubprocessScriptLauncher``, which starts one
-    process per extra device by re-running the command line (``strategy="ddp"``), unless a cluster (SLURM)
-    starts the processes itself."""
-    return isinstance(getattr(strategy, "launcher", None), _SubprocessScriptLauncher) and not (
-        strategy.cluster_environment is not None and strategy.cluster_environment.creates_processes_externally
-    )

@@ -276,27 +276,13 @@ class MT2STMixin:
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
 
     def _undrop_task(self, task: str) -> None:
-        self.thaw_dropped_head(task)
-        self.__dict__["_mt2st_dropped"].discard(task)
-        self._refresh_active_tasks()
-        self.__dict__["_mt2st_weights"][task] = 1.0  # the callback sets the weight at the next step boundary
-
-    def thaw_dropped_head(self, task: str) -> None:
-        """Give a dropped head's parameters back the ``requires_grad`` flags they had before the drop (the head
-        stays dropped unless the caller undoes that too). Used when a checkpoint from before the drop is loaded,
-        and by ``MT2STCallback`` while a resumed fit builds its optimizer."""
+        # Back as the user left it: each head parameter's requires_grad as it was before the drop.
         flags = self.__dict__["_mt2st_grad_flags"].get(task)
         for i, p in enumerate(self.head_parameters(task)):
             p.requires_grad_(True if flags is None else flags[i])
-
-    def freeze_dropped_heads(self) -> bool:
-        """Freeze every dropped head again; returns whether any parameter had been unfrozen."""
-        changed = False
-        for task in self.__dict__["_mt2st_dropped"]:
-            for p in self.head_parameters(task):
-                changed |= p.requires_grad
-                p.requires_grad_(False)
-        return changed
+        self.__dict__["_mt2st_dropped"].discard(task)
+        self._refresh_active_tasks()
+        self.__dict__["_mt2st_weights"][task] = 1.0  # the callback sets the weight at the next step boundary
 
     def _reallocate_head(self, task: str, state_dict: Mapping[str, Tensor]) -> None:
         """Give a released head storage again, shaped as in ``state_dict``, which then fills it."""

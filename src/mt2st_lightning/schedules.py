@@ -22,7 +22,14 @@ __all__ = [
     "Product",
     "Schedule",
     "Switch",
+    "TimeBound",
+    "check_time_bound",
+    "resolve_time_bound",
 ]
+
+#: A point in the run: an int time (an optimizer step, or an epoch, in the callback's ``unit``) or a float in
+#: (0, 1), a fraction of the run's planned length. ``Switch.at`` and every policy's time bound take this form.
+TimeBound = Union[int, float]
 
 
 class Schedule(ABC):
@@ -63,6 +70,39 @@ def _check_finite_non_negative(name: str, value: float) -> None:
         raise TypeError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_time_bound(name: str, value: Any) -> None:
+    """Refuse, naming ``name``, anything but a :data:`TimeBound`: an int >= 0, or a float in (0, 1).
+
+    The one parser of "a step, or a fraction of the run": ``Switch.at`` and every policy's time bound use it.
+    """
+    value = as_number(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{name} must be an int (step or epoch) or a float in (0, 1), got {value!r}: a float is a fraction of the run"
+        )
+    if isinstance(value, float) and not 0.0 < value < 1.0:
+        raise ValueError(
+            f"{name}={value!r}: a float is a fraction of the run and must lie in (0, 1); "
+            "pass an int for an absolute step (or epoch)"
+        )
+    if isinstance(value, int) and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def resolve_time_bound(name: str, value: TimeBound, total: float | None, unit: str = "step") -> int:
+    """A checked :data:`TimeBound` as a time in ``unit``: an int as it is, a fraction of the run rounded to the
+    nearest unit of ``total``; an unknown length is an error that says how to give one."""
+    value = as_number(value)
+    if isinstance(value, int):
+        return value
+    if total is None or not math.isfinite(total):
+        raise ValueError(
+            f"{name}={value} is a fraction of the run, but the run's length is unknown; set Trainer(max_steps=...) "
+            f"or Trainer(max_epochs=...), or give an int {unit}"
+        )
+    return int(round(value * total))
 
 
 def _coerce(schedule: Schedule, *names: str) -> None:
@@ -152,32 +192,17 @@ class Switch(Schedule):
     rounded to the nearest unit.
     """
 
-    at: Union[int, float]
+    at: TimeBound
     gamma0: float = 1.0
 
     def __post_init__(self) -> None:
         _coerce(self, "at", "gamma0")
         _check_finite_non_negative("Switch.gamma0", self.gamma0)
-        if isinstance(self.at, bool) or not isinstance(self.at, (int, float)):
-            raise TypeError(f"Switch.at must be an int (step or epoch) or a float in (0, 1), got {self.at!r}")
-        if isinstance(self.at, float) and not 0.0 < self.at < 1.0:
-            raise ValueError(
-                f"Switch.at={self.at!r}: a float is a fraction of the run and must lie in (0, 1); "
-                "pass an int for an absolute step or epoch"
-            )
-        if isinstance(self.at, int) and self.at < 0:
-            raise ValueError(f"Switch.at must be >= 0, got {self.at}")
+        check_time_bound("Switch.at", self.at)
 
     def switch_time(self, total: float | None) -> int:
         """``at`` resolved to a time in the callback's unit."""
-        if isinstance(self.at, int):
-            return self.at
-        if total is None or not math.isfinite(total):
-            raise ValueError(
-                f"Switch.at={self.at} is a fraction of the run, but the run's length is unknown; "
-                "set Trainer(max_steps=...) or Trainer(max_epochs=...), or give an int step"
-            )
-        return int(round(self.at * total))
+        return resolve_time_bound("Switch.at", self.at, total)
 
     def __call__(self, t: float, total: float | None = None) -> float:
         return 0.0 if self.finished(t, total) else float(self.gamma0)

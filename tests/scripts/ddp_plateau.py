@@ -54,7 +54,6 @@ def main() -> None:
             "params": {n: p.detach().clone() for n, p in model.named_parameters()},
             "drop_times": callback.drop_times,
             "decided_at": callback.policy.decided_at,
-            "fired_at": callback.policy.fired_at,
             "wait_count": callback.policy.wait_count,
             "active": model.active_tasks,
             "world_size": trainer.world_size,

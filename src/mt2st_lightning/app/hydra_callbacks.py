@@ -18,7 +18,7 @@ class SweepSummary(Callback):
     """At the end of a ``--multirun``: write the report into the sweep folder and print its table."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from mt2st_lightning.report import write_report  # matplotlib: imported only when a sweep ends
+        from mt2st_lightning.report import write_report  # the report (and matplotlib): loaded when a sweep ends
 
         sweep_dir = Path(config.hydra.sweep.dir)
         try:

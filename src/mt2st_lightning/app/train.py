@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mt2st_lightning.callback import MT2STCallback
 from mt2st_lightning.flops import PhaseCostMeter
-from mt2st_lightning.heads import relaunches_script
+from mt2st_lightning.internals import relaunches_script
 from mt2st_lightning.app.progress import EpochLines
 from mt2st_lightning.app.run_format import (
     DEFAULT_PRIMARY_METRIC_NAME,
@@ -44,6 +44,7 @@ from mt2st_lightning.app.run_format import (
     SUMMARY_FILE,
     TEST_PRIMARY_METRIC,
     VAL_PRIMARY_METRIC,
+    RunSummary,
     read_metrics,
 )
 
@@ -108,7 +109,8 @@ def _find(callbacks: list[Callback], kind: type, where: Any = lambda c: True) ->
 
 # ---------------------------------------------------------------------------------------------- training
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit (and test) one model as ``cfg`` describes; write and return the run's summary.
+    """Fit (and test) one model as ``cfg`` describes; write the run's summary (:class:`RunSummary`) and return
+    what it wrote (``RunSummary.to_dict()``: ``RunSummary.from_dict`` makes it typed again).
 
     ``cfg`` is the composed ``train`` config. Outside a Hydra run (tests, notebooks) set
     ``paths.output_dir`` to a folder: everything the run writes goes there.
@@ -170,17 +172,19 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         raise
     fit_wall_time_s = time.perf_counter() - start
     # Read the fit's outcome now: testing a checkpoint restores the callbacks' states saved in it.
-    summary = _fit_summary(cfg, trainer, model, mt2st, output_dir)
+    fit = _fit_summary(cfg, trainer, model, mt2st, output_dir)
     meter = _find(trainer.callbacks, PhaseCostMeter)
-    # The whole run's wall time: a resumed fit adds what the run had spent up to its checkpoint.
-    summary["fit_wall_time_s"] = fit_wall_time_s + (meter.wall_time_before_resume_s if meter is not None else 0.0)
-    summary["resumed_from"] = str(Path(cfg.ckpt_path).resolve()) if cfg.get("ckpt_path") else None
-    summary.update(_test(cfg, trainer, model, datamodule))
+    summary = RunSummary(
+        **fit,
+        # The whole run's wall time: a resumed fit adds what the run had spent up to its checkpoint.
+        fit_wall_time_s=fit_wall_time_s + (meter.wall_time_before_resume_s if meter is not None else 0.0),
+        resumed_from=str(Path(cfg.ckpt_path).resolve()) if cfg.get("ckpt_path") else None,
+        **_test(cfg, trainer, model, datamodule),
+    )
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        log.info("Run summary: %s", output_dir / SUMMARY_FILE)
-    return summary
+        log.info("Run summary: %s", summary.write(output_dir))
+    return summary.to_dict()
 
 
 # ---------------------------------------------------------------------------------------------- resuming
@@ -321,9 +325,10 @@ def _metric(trainer: L.Trainer, name: str) -> float | None:
 
 
 def _test(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, datamodule: Any) -> dict[str, Any]:
-    """Test the best checkpoint if one was kept (none under fast_dev_run), else the weights in memory."""
+    """Test the best checkpoint if one was kept (none under fast_dev_run), else the weights in memory: the
+    :class:`RunSummary` fields of the test."""
     if not cfg.get("test"):
-        return {"test_primary_metric": None, "tested_checkpoint": None}
+        return {"test_primary_metric": None, "test_samples": None, "test_metrics": {}, "tested_checkpoint": None}
     checkpoint = _find(trainer.callbacks, ModelCheckpoint, lambda c: c.monitor is not None)
     best = checkpoint.best_model_path if checkpoint is not None else ""
     results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
@@ -342,6 +347,7 @@ def _test(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, datamod
 def _fit_summary(
     cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, mt2st: MT2STCallback, output_dir: Path
 ) -> dict[str, Any]:
+    """The :class:`RunSummary` fields of the fit (what each means: there)."""
     checkpoint = _find(trainer.callbacks, ModelCheckpoint, lambda c: c.monitor is not None)
     meter = _find(trainer.callbacks, PhaseCostMeter)
     cost = meter.summary() if meter is not None else {"total_flops": None, "total_time_s": None, "phases": {}}
@@ -358,14 +364,12 @@ def _fit_summary(
         "strategy": mt2st.strategy,
         "seed": int(cfg.seed),
         "primary_task": model.primary_task,
-        # What primary_metric measures, for the report's headers and plots (accuracy unless the model says).
+        # Accuracy unless the model says otherwise.
         "primary_metric_name": str(getattr(model, "primary_metric_name", DEFAULT_PRIMARY_METRIC_NAME)),
         "auxiliary_tasks": list(model.auxiliary_tasks),
         "best_val_primary_metric": best_val,
-        # Training batches only, on this process (rank 0 under DDP): the cost MT2ST changes.
         "train_flops": cost["total_flops"],
         "train_time_s": cost["total_time_s"],
-        # Per phase (the set of active tasks), in the order the phases ran; the last one is post-switch.
         "phases": cost["phases"],
         "drop_times": dict(mt2st.drop_times),
         "mt2st_unit": mt2st.unit,
@@ -373,13 +377,12 @@ def _fit_summary(
         "total_steps": trainer.global_step,
         "epochs": trainer.current_epoch,
         "final_val_primary_metric": _metric(trainer, VAL_PRIMARY_METRIC),
-        # What each auxiliary data stream loaded over the fit (cumulative counts at its last logged step).
+        # Cumulative counts at each stream's last logged step.
         "stream_costs": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(STREAM_PREFIX)},
         "val_samples": _metric(trainer, "val/samples"),
         # Relative to the run's folder (where this file is), so a moved sweep folder still reads.
         "metrics_csv": _relative(csv_logs[0], output_dir) if csv_logs else None,
         "output_dir": str(output_dir.resolve()),
-        # What the report groups by besides the label: runs that differ here are not averaged together.
         "settings": run_settings(cfg, trainer, mt2st),
     }
 

@@ -1,28 +1,32 @@
 """MT2ST's decision layer: every strategy is a :class:`Policy`, built by name with :func:`policy_for`.
 
-The registry below is the one place strategy names live: :data:`STRATEGIES` is its keys. A new strategy is one
-entry, ``name -> factory``, where a factory is called as ``factory(schedules=..., **params)`` with only the
-parameters the user gave, supplies its own defaults, and raises ``ValueError`` for any parameter it would
-ignore.
+The registry below is the one place strategy names live: :data:`STRATEGIES` is its keys. A strategy is one
+entry, ``name -> policy class``, and the class's typed keyword arguments are the strategy's parameters, each
+declared there once: ``MT2STCallback(name, **parameters)``, the Hydra preset ``conf/strategy/<name>.yaml``
+and LightningCLI (flat ``init_args``, or ``policy: {class_path: ..., init_args: ...}``) all reach it through
+this table. A class that also takes ``schedules`` (an envelope its measured factors scale) is adaptive.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from mt2st_lightning.policies.base import Policy, Reducer
+from mt2st_lightning.policies.conflict import ConflictSwitch
 from mt2st_lightning.policies.fisher import FisherPolicy
 from mt2st_lightning.policies.gradnorm import GradNormPolicy
 from mt2st_lightning.policies.measured import GradientPolicy, MeasuredPolicy
 from mt2st_lightning.policies.noise import NoisePolicy
+from mt2st_lightning.policies.params import check_accepted, parameters_of
+from mt2st_lightning.policies.plateau import PlateauSwitch
 from mt2st_lightning.policies.scheduled import (
-    SCHEDULE_BUILDERS,
+    DiminishPolicy,
+    MTLPolicy,
     Param,
     SchedulePolicy,
-    check_accepted,
+    STLPolicy,
+    SwitchPolicy,
     schedules_for,
 )
 from mt2st_lightning.schedules import Schedule, as_number
@@ -30,70 +34,53 @@ from mt2st_lightning.schedules import Schedule, as_number
 __all__ = [
     "ADAPTIVE_STRATEGIES",
     "STRATEGIES",
+    "ConflictSwitch",
+    "DiminishPolicy",
     "FisherPolicy",
     "GradNormPolicy",
     "GradientPolicy",
+    "MTLPolicy",
     "MeasuredPolicy",
     "NoisePolicy",
     "Param",
+    "PlateauSwitch",
     "REGISTRY",
     "Policy",
     "Reducer",
+    "STLPolicy",
     "SchedulePolicy",
+    "SwitchPolicy",
     "policy_for",
     "schedules_for",
 ]
 
-Factory = Callable[..., Policy]
-
-
-class _SchedulePolicyFactory:
-    """``SchedulePolicy`` for one named schedule strategy (a class, not a lambda: callbacks get pickled)."""
-
-    def __init__(self, strategy: str) -> None:
-        self.strategy = strategy
-
-    def __call__(self, *, schedules: Mapping[str, Schedule] | None = None, **params: Any) -> Policy:
-        if schedules is not None:
-            raise ValueError(
-                f"got both strategy={self.strategy!r} and schedules: the schedules define the weights; drop "
-                f"strategy, or pass one of {', '.join(ADAPTIVE_STRATEGIES)} to scale the schedules adaptively"
-            )
-        return SchedulePolicy(strategy=self.strategy, params=params)
-
-
-class _PolicyClassFactory:
-    """A policy class whose keyword arguments are its parameters, imported when first used."""
-
-    def __init__(self, module: str, name: str) -> None:
-        self.module, self.name = module, name
-
-    def __call__(self, *, schedules: Mapping[str, Schedule] | None = None, **params: Any) -> Policy:
-        cls = getattr(importlib.import_module(self.module), self.name)
-        if schedules is not None:
-            raise ValueError(f"strategy={cls.name!r} takes no schedules; drop schedules=")
-        check_accepted(cls.name, params, list(inspect.signature(cls).parameters))
-        return cls(**params)
-
-
-def _measured(cls: type[MeasuredPolicy]) -> Factory:
-    return cls.from_params
-
-
-_MEASURED: dict[str, type[MeasuredPolicy]] = {cls.name: cls for cls in (GradNormPolicy, FisherPolicy, NoisePolicy)}
-
-#: name -> factory, for every strategy ``MT2STCallback(strategy=...)`` accepts.
-REGISTRY: dict[str, Factory] = {
-    **{name: _SchedulePolicyFactory(name) for name in SCHEDULE_BUILDERS},
-    **{name: _measured(cls) for name, cls in _MEASURED.items()},
-    "plateau": _PolicyClassFactory("mt2st_lightning.policies.plateau", "PlateauSwitch"),
-    "conflict": _PolicyClassFactory("mt2st_lightning.policies.conflict", "ConflictSwitch"),
+#: name -> policy class, for every strategy ``MT2STCallback(strategy=...)`` accepts, in docs/strategies.md's order.
+REGISTRY: dict[str, type[Policy]] = {
+    cls.name: cls
+    for cls in (
+        STLPolicy,
+        MTLPolicy,
+        DiminishPolicy,
+        SwitchPolicy,
+        GradNormPolicy,
+        FisherPolicy,
+        NoisePolicy,
+        PlateauSwitch,
+        ConflictSwitch,
+    )
 }
-#: Every strategy name, in the order the README lists them.
+#: Every strategy name, in the order docs/strategies.md lists them.
 STRATEGIES: tuple[str, ...] = tuple(REGISTRY)
+
+
+def takes_schedules(policy_class: type[Policy]) -> bool:
+    """Whether a strategy's policy also takes ``schedules``: the envelope its measured factors scale."""
+    return issubclass(policy_class, MeasuredPolicy)
+
+
 #: The strategies whose weights are an envelope schedule times a factor measured during training; these
 #: (alone) also take ``schedules=`` as their envelope.
-ADAPTIVE_STRATEGIES: tuple[str, ...] = tuple(_MEASURED)
+ADAPTIVE_STRATEGIES: tuple[str, ...] = tuple(name for name, cls in REGISTRY.items() if takes_schedules(cls))
 
 
 def _as_python(value: Any) -> Any:
@@ -103,8 +90,9 @@ def _as_python(value: Any) -> Any:
 
 
 def policy_for(strategy: str | None, *, schedules: Mapping[str, Schedule] | None = None, **params: Any) -> Policy:
-    """The policy for a named strategy, from the parameters the user gave (pass only those: each factory
-    supplies its defaults, and a parameter the strategy would ignore is an error naming it).
+    """The policy for a named strategy, from the parameters the user gave: ``REGISTRY[strategy](**params)``,
+    after refusing, by name, any parameter the strategy would ignore (pass only those given: the class supplies
+    its defaults).
 
     ``strategy=None`` with ``schedules``: a :class:`SchedulePolicy` over those schedules. NumPy integer and
     float scalars are accepted wherever Python numbers are. Every value is checked here, at construction; only
@@ -113,8 +101,19 @@ def policy_for(strategy: str | None, *, schedules: Mapping[str, Schedule] | None
     params = {name: _as_python(value) for name, value in params.items()}
     if strategy is None:
         if schedules is None:
-            raise ValueError(f"give a strategy (one of {', '.join(STRATEGIES)}) or per-task schedules")
+            raise ValueError(f"give a strategy (one of {', '.join(REGISTRY)}) or per-task schedules")
         return SchedulePolicy(schedules, params=params)
     if strategy not in REGISTRY:
-        raise ValueError(f"unknown MT2ST strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    return REGISTRY[strategy](schedules=schedules, **params)
+        raise ValueError(f"unknown MT2ST strategy {strategy!r}; choose one of {', '.join(REGISTRY)}")
+    cls = REGISTRY[strategy]
+    if schedules is not None and not takes_schedules(cls):
+        if issubclass(cls, SchedulePolicy):
+            adaptive = ", ".join(name for name, c in REGISTRY.items() if takes_schedules(c))
+            raise ValueError(
+                f"got both strategy={strategy!r} and schedules: the schedules define the weights; drop "
+                f"strategy, or pass one of {adaptive} to scale the schedules adaptively"
+            )
+        raise ValueError(f"strategy={strategy!r} takes no schedules; drop schedules=")
+    check_accepted(strategy, params, parameters_of(cls))
+    # With schedules, an adaptive policy refuses the parameters of the envelope they replace.
+    return cls(**params) if schedules is None else cls(schedules, **params)

@@ -12,6 +12,7 @@ Write your own by subclassing :class:`Policy` and passing an instance as ``MT2ST
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from mt2st_lightning.step_record import StepRecord
 
-__all__ = ["LocalReducer", "Policy", "Reducer", "StrategyReducer"]
+__all__ = ["LocalReducer", "Policy", "Reducer", "StrategyReducer", "checked_weights"]
 
 
 class Reducer(Protocol):
@@ -134,3 +135,16 @@ class Policy(ABC):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         pass
+
+
+def checked_weights(policy: Policy, t: int, active: Sequence[str], unit: str = "step") -> dict[str, float]:
+    """``policy.weights(t, active)``, refused unless it gives each task of ``active`` a finite weight >= 0 (a
+    user's policy answers here, before any weight reaches a loss)."""
+    weights = policy.weights(t, active)
+    bad = {task: w for task, w in weights.items() if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)}
+    if set(weights) != set(active) or bad:
+        raise ValueError(
+            f"policy {policy.name!r} must give a finite weight >= 0 to each active auxiliary task {list(active)} "
+            f"at {unit} {t}, gave {dict(weights)}"
+        )
+    return dict(weights)

@@ -16,13 +16,22 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from mt2st_lightning import adaptive
 from mt2st_lightning.policies.base import Policy, Reducer
-from mt2st_lightning.policies.plateau import _check_gamma0, _is_int, _is_real, _per_task_gamma0
+from mt2st_lightning.policies.params import (
+    MeasuresEvery,
+    Number,
+    PerTask,
+    check_adapt_every,
+    check_gamma0,
+    gamma0_per_task,
+    is_int,
+    is_real,
+)
 from mt2st_lightning.step_record import StepRecord
 
 __all__ = ["ConflictSwitch"]
 
 
-class ConflictSwitch(Policy):
+class ConflictSwitch(MeasuresEvery, Policy):
     r"""Drop an auxiliary task once ``cos(g_0, g_k) < threshold`` for ``window`` consecutive measurements, where
     ``g_k`` is the gradient of task k's loss with respect to the shared features ``h`` (and ``g_0`` the primary
     task's).
@@ -47,34 +56,30 @@ class ConflictSwitch(Policy):
 
     Attributes:
         last_cosines: ``{task: cosine}`` of the latest measurement (NaN where it was undefined).
-        conflict_counts: consecutive conflicting measurements per task.
-        fired_at: ``{task: time}`` at which each dropped task's head left (the callback logs
-            ``mt2st/dropped_at/<task>``). All three are saved in checkpoints.
+        conflict_counts: consecutive conflicting measurements per task; a task is finished once its count
+            reaches ``window`` (the callback records and logs when its head left, in
+            ``MT2STCallback.drop_times`` and ``mt2st/dropped_at/<task>``). Both are saved in checkpoints.
     """
 
     name = "conflict"
 
     def __init__(
         self,
-        threshold: float = 0.0,
+        threshold: Number = 0.0,
         window: int = 3,
         adapt_every: int = 10,
-        gamma0: float | Mapping[str, float] = 1.0,
+        gamma0: PerTask = 1.0,
     ) -> None:
-        if not _is_real(threshold) or not -1.0 <= threshold <= 1.0:
+        if not is_real(threshold) or not -1.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be a cosine in [-1, 1], got {threshold!r}")
-        if not _is_int(window) or window < 1:
+        if not is_int(window) or window < 1:
             raise ValueError(
                 f"window must be an int >= 1 (consecutive conflicting measurements), got {window!r}"
             )
-        if not _is_int(adapt_every) or adapt_every < 1:
-            raise ValueError(
-                f"adapt_every must be an int >= 1 (measure every this many steps), got {adapt_every!r}"
-            )
-        _check_gamma0(gamma0)
+        check_gamma0(gamma0)
         self.threshold = float(threshold)
         self.window = int(window)
-        self.adapt_every = int(adapt_every)
+        self.adapt_every = check_adapt_every(adapt_every)
         self.gamma0 = dict(gamma0) if isinstance(gamma0, Mapping) else float(gamma0)
         self._gamma0: dict[str, float] = {}
         self._active: tuple[str, ...] = ()
@@ -83,29 +88,22 @@ class ConflictSwitch(Policy):
     def _reset(self) -> None:
         self.conflict_counts: dict[str, int] = {}
         self.last_cosines: dict[str, float] = {}
-        self.fired_at: dict[str, int] = {}
         self.measured_at: int | None = None  # a time is measured once, also across a resume inside it
         self._measured: list[str] = []  # the tasks whose cosine the latest measurement gave
 
     # ------------------------------------------------------------------ once per fit
     def bind(self, tasks: Sequence[str], total: float | None, unit: str) -> None:
         self._reset()  # fresh counts for every fit; a resumed fit loads the checkpoint's right after
-        self._gamma0 = _per_task_gamma0(self.gamma0, tasks)
+        self._gamma0 = gamma0_per_task(self.gamma0, tasks)
         self._active = tuple(tasks)
 
     # ------------------------------------------------------------------ each optimizer-step boundary
     def finished(self, t: int, active: Sequence[str]) -> Collection[str]:
-        done = tuple(task for task in active if self.conflict_counts.get(task, 0) >= self.window)
-        for task in done:
-            self.fired_at.setdefault(task, t)
-        return done
+        return tuple(task for task in active if self.conflict_counts.get(task, 0) >= self.window)
 
     def weights(self, t: int, active: Sequence[str]) -> Mapping[str, float]:
         self._active = tuple(active)
         return {task: self._gamma0[task] for task in active}
-
-    def wants_step(self, t: int) -> bool:
-        return bool(self._active) and t % self.adapt_every == 0 and t != self.measured_at
 
     def observe_step(self, t: int, record: StepRecord, reduce: Reducer) -> None:
         self._measured = []
@@ -165,12 +163,10 @@ class ConflictSwitch(Policy):
         return {
             "conflict_counts": dict(self.conflict_counts),
             "last_cosines": dict(self.last_cosines),
-            "fired_at": dict(self.fired_at),
             "measured_at": self.measured_at,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.conflict_counts = {k: int(v) for k, v in state["conflict_counts"].items()}
         self.last_cosines = dict(state["last_cosines"])
-        self.fired_at = dict(state["fired_at"])
         self.measured_at = state.get("measured_at")

@@ -13,20 +13,24 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor
 
 from mt2st_lightning import adaptive
 from mt2st_lightning.policies.base import Reducer
-from mt2st_lightning.policies.scheduled import ENVELOPE_PARAMS, Param, SchedulePolicy, check_accepted
+from mt2st_lightning.policies.params import MeasuresEvery, Number, PerTask, check_accepted, check_adapt_every
+from mt2st_lightning.policies.scheduled import SchedulePolicy
 from mt2st_lightning.schedules import Schedule, as_number
 from mt2st_lightning.step_record import StepRecord
 
 __all__ = ["GradientPolicy", "MeasureOn", "MeasuredPolicy"]
 
 MeasureOn = Literal["auto", "representation", "parameters"]
+#: ``budget``: a number > 0, or ``"raw"`` (``gradnorm`` only: the raw eq. 13 ratios). A ``str``, not a
+#: ``Literal``: the policy refuses any other string itself, with its own message.
+Budget = Union[int, float, str, None]
 
 
 def _check_budget(strategy: str, budget: Any, allow_none: bool) -> float | None:
@@ -43,13 +47,6 @@ def _check_budget(strategy: str, budget: Any, allow_none: bool) -> float | None:
     return float(budget)
 
 
-def _check_adapt_every(adapt_every: Any) -> int:
-    adapt_every = as_number(adapt_every)
-    if isinstance(adapt_every, bool) or not isinstance(adapt_every, int) or adapt_every < 1:
-        raise ValueError(f"adapt_every must be an int >= 1 (steps or epochs between measurements), got {adapt_every!r}")
-    return adapt_every
-
-
 def _check_decay(adapt_decay: Any) -> float:
     adapt_decay = as_number(adapt_decay)
     if isinstance(adapt_decay, bool) or not isinstance(adapt_decay, (int, float)) or not 0.0 <= adapt_decay < 1.0:
@@ -57,39 +54,44 @@ def _check_decay(adapt_decay: Any) -> float:
     return float(adapt_decay)
 
 
-class MeasuredPolicy(SchedulePolicy):
+class MeasuredPolicy(MeasuresEvery, SchedulePolicy):
     """``weight_k(t) = envelope_k(t) * factor_k``, the factors re-measured every ``adapt_every`` units.
 
     Args:
         schedules: the envelope, one schedule per auxiliary task; ``None``: ``Switch(switch_at, gamma0)`` if
-            ``switch_at`` is in ``params``, else ``Constant(gamma0)``.
-        params: ``gamma0`` and ``switch_at`` of the envelope (not with ``schedules``).
-        budget: the factors sum to it (``lambda`` in the paper); ``"raw"`` or ``None`` (gradnorm only): raw ratios.
+            ``switch_at`` is given, else ``Constant(gamma0)``.
+        gamma0: the envelope's weight (default 1.0); one value or a ``{task: value}`` mapping. Not with
+            ``schedules``.
+        switch_at: drop the heads here (an int step or epoch, or a fraction of the run in (0, 1); one value or
+            a ``{task: value}`` mapping); ``None``: adaptive weights to the end. Not with ``schedules``.
+        budget: the factors sum to it (``lambda`` in the paper); ``"raw"`` (gradnorm only): raw ratios.
         adapt_every: measure on the first batch of every this many units of time.
         adapt_decay: exponential smoothing of the measured statistics, in [0, 1).
     """
 
     #: The strategy name of the subclass (``gradnorm``, ...).
     name = "measured"
-    #: Whether ``budget=None`` (raw factors) means something for this policy.
+    #: Whether ``budget="raw"`` (raw factors) means something for this policy.
     raw_factors_allowed = False
 
     def __init__(
         self,
         schedules: Mapping[str, Schedule] | None = None,
         *,
-        params: Mapping[str, Param] | None = None,
-        budget: float | None = 1.0,
+        gamma0: PerTask = None,
+        switch_at: PerTask = None,
+        budget: Budget = 1.0,
         adapt_every: int = 10,
-        adapt_decay: float = 0.9,
+        adapt_decay: Number = 0.9,
     ) -> None:
         name = type(self).name
+        envelope = {k: v for k, v in (("gamma0", gamma0), ("switch_at", switch_at)) if v is not None}
         if schedules is not None:
-            check_accepted(f"{name} with schedules", dict(params or {}), ())
-        super().__init__(schedules, strategy="envelope" if schedules is None else "custom", params=params)
+            check_accepted(f"{name} with schedules", envelope, ())
+        super().__init__(schedules, strategy="envelope" if schedules is None else "custom", params=envelope)
         self.name = name
         self.budget = _check_budget(name, budget, self.raw_factors_allowed)
-        self.adapt_every = _check_adapt_every(adapt_every)
+        self.adapt_every = check_adapt_every(adapt_every)
         self.adapt_decay = _check_decay(adapt_decay)
         # State (saved): smoothed statistics (CPU float64) and the factors in use. Per fit: the last measured
         # time (a checkpoint is written between steps, so a resumed run never re-enters a measured one).
@@ -100,18 +102,6 @@ class MeasuredPolicy(SchedulePolicy):
         # accumulation window even if asked twice; the active auxiliary tasks they were asked for.
         self._weights_at: tuple[int, tuple[str, ...], dict[str, float]] | None = None
         self._active: tuple[str, ...] = ()
-
-    @classmethod
-    def from_params(cls, *, schedules: Mapping[str, Schedule] | None = None, **params: Any) -> MeasuredPolicy:
-        """The policy from the parameters a user gave (``policy_for``'s factory); refuses any it ignores."""
-        own = cls.own_params()
-        check_accepted(cls.name, params, (*ENVELOPE_PARAMS, *own) if schedules is None else own)
-        envelope = {k: v for k, v in params.items() if k in ENVELOPE_PARAMS}
-        return cls(schedules, params=envelope, **{k: v for k, v in params.items() if k in own})
-
-    @classmethod
-    def own_params(cls) -> tuple[str, ...]:
-        return ("budget", "adapt_every", "adapt_decay")
 
     # ------------------------------------------------------------------ decisions
     def bind(self, tasks: Sequence[str], total: float | None, unit: str) -> None:
@@ -130,9 +120,6 @@ class MeasuredPolicy(SchedulePolicy):
         out = {task: envelope[task] * self.factors.get(task, default) for task in active}
         self._weights_at, self._active = (*key, out), tuple(active)
         return dict(out)
-
-    def wants_step(self, t: int) -> bool:
-        return bool(self._active) and t % self.adapt_every == 0 and t != self.measured_at
 
     def observe_step(self, t: int, record: StepRecord, reduce: Reducer) -> None:
         primary, *aux = record.losses
@@ -205,16 +192,25 @@ class GradientPolicy(MeasuredPolicy):
     of it (eq. 14).
     """
 
-    def __init__(self, schedules: Mapping[str, Schedule] | None = None, *, measure_on: MeasureOn = "auto", **kwargs: Any):
+    def __init__(
+        self,
+        schedules: Mapping[str, Schedule] | None = None,
+        *,
+        gamma0: PerTask = None,
+        switch_at: PerTask = None,
+        budget: Budget = 1.0,
+        adapt_every: int = 10,
+        adapt_decay: Number = 0.9,
+        measure_on: str = "auto",
+    ) -> None:
         if measure_on not in ("auto", "representation", "parameters"):
             raise ValueError(f"measure_on must be 'auto', 'representation' or 'parameters', got {measure_on!r}")
-        super().__init__(schedules, **kwargs)
-        self.measure_on = measure_on
+        super().__init__(
+            schedules, gamma0=gamma0, switch_at=switch_at, budget=budget, adapt_every=adapt_every,
+            adapt_decay=adapt_decay,
+        )
+        self.measure_on: MeasureOn = measure_on  # type: ignore[assignment]
         self._shared: list[Tensor] | None = None
-
-    @classmethod
-    def own_params(cls) -> tuple[str, ...]:
-        return (*super().own_params(), "measure_on")
 
     def use_shared_parameters(self, parameters: Iterable[Tensor]) -> None:
         """The shared encoder's parameters, for ``measure_on="parameters"`` (and ``"auto"`` without features).

@@ -8,20 +8,27 @@ can say "when the validation metric stops improving". This policy counts that ex
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from mt2st_lightning.policies.base import Policy, Reducer
-from mt2st_lightning.policies.scheduled import task_gamma0
+from mt2st_lightning.policies.params import (
+    Number,
+    PerTask,
+    TimeBound,
+    check_gamma0,
+    check_time_bound,
+    gamma0_per_task,
+    is_int,
+    is_real,
+    resolve_time_bound,
+)
 
 __all__ = ["PlateauSwitch"]
-
-Time = int | float | None
 
 
 class PlateauSwitch(Policy):
@@ -54,11 +61,11 @@ class PlateauSwitch(Policy):
     improvement, with a warning: a diverged metric is a plateau, not progress.
 
     Attributes:
-        decided_at: the time of the validation check that decided the switch (``None`` until then).
-        fired_at: the time at which the heads were dropped (``None`` until then); the callback logs it as
-            ``mt2st/dropped_at/<task>``.
-        best_score, wait_count: as in ``EarlyStopping``; saved in checkpoints with ``decided_at`` and
-            ``fired_at``, so that a run resumed in the middle of a wait switches at the same step.
+        decided_at: the time of the validation check that decided the switch (``None`` until then); the heads
+            leave at the first step from ``max(decided_at, min_step)`` on (the callback records and logs when,
+            in ``MT2STCallback.drop_times`` and ``mt2st/dropped_at/<task>``).
+        best_score, wait_count: as in ``EarlyStopping``; saved in checkpoints with ``decided_at``, so that a
+            run resumed in the middle of a wait switches at the same step.
     """
 
     name = "plateau"
@@ -67,12 +74,12 @@ class PlateauSwitch(Policy):
     def __init__(
         self,
         monitor: str | None = None,
-        mode: Literal["min", "max"] = "min",
+        mode: str = "min",
         patience: int = 3,
-        min_delta: float = 0.0,
-        min_step: Time = None,
-        max_step: Time = None,
-        gamma0: float | Mapping[str, float] = 1.0,
+        min_delta: Number = 0.0,
+        min_step: TimeBound | None = None,
+        max_step: TimeBound | None = None,
+        gamma0: PerTask = 1.0,
     ) -> None:
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(
@@ -83,17 +90,18 @@ class PlateauSwitch(Policy):
             raise ValueError(
                 f"mode must be 'min' or 'max' (the direction in which {monitor!r} improves), got {mode!r}"
             )
-        if not _is_int(patience) or patience < 1:
+        if not is_int(patience) or patience < 1:
             raise ValueError(
                 f"patience must be an int >= 1 (validation checks without improvement), got {patience!r}"
             )
-        if not _is_real(min_delta) or not math.isfinite(min_delta) or min_delta < 0:
+        if not is_real(min_delta) or not math.isfinite(min_delta) or min_delta < 0:
             raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
         for name, value in (("min_step", min_step), ("max_step", max_step)):
-            _check_time(name, value)
-        if _is_int(min_step) and _is_int(max_step) and min_step > max_step:
+            if value is not None:
+                check_time_bound(name, value)
+        if is_int(min_step) and is_int(max_step) and min_step > max_step:
             raise ValueError(f"min_step={min_step} lies after max_step={max_step}")
-        _check_gamma0(gamma0)
+        check_gamma0(gamma0)
         self.monitor = monitor
         self.mode = mode
         self.patience = int(patience)
@@ -111,7 +119,6 @@ class PlateauSwitch(Policy):
         self.best_score = torch.tensor(math.inf if self.mode == "min" else -math.inf)
         self.wait_count = 0
         self.decided_at: int | None = None
-        self.fired_at: int | None = None
         self._warned_nonfinite = False
 
     @property
@@ -121,9 +128,9 @@ class PlateauSwitch(Policy):
     # ------------------------------------------------------------------ once per fit
     def bind(self, tasks: Sequence[str], total: float | None, unit: str) -> None:
         self._reset()  # a fresh count for every fit; a resumed fit loads the checkpoint's right after
-        self._gamma0 = _per_task_gamma0(self.gamma0, tasks)
-        self._min_time = _resolve("min_step", self.min_step, total, unit) or 0
-        self._max_time = _resolve("max_step", self.max_step, total, unit)
+        self._gamma0 = gamma0_per_task(self.gamma0, tasks)
+        self._min_time = 0 if self.min_step is None else resolve_time_bound("min_step", self.min_step, total, unit)
+        self._max_time = None if self.max_step is None else resolve_time_bound("max_step", self.max_step, total, unit)
         if self._max_time is not None and self._min_time > self._max_time:
             raise ValueError(
                 f"min_step resolves to {unit} {self._min_time}, after max_step at {unit} {self._max_time}; "
@@ -145,20 +152,16 @@ class PlateauSwitch(Policy):
         return {task: self._gamma0[task] for task in active}
 
     def finished(self, t: int, active: Sequence[str]) -> Collection[str]:
-        if not active:
-            return ()
         plateaued = self.decided_at is not None and t >= self._min_time
-        forced = self._max_time is not None and t >= self._max_time
-        if not (plateaued or forced):
-            return ()
-        if self.fired_at is None:
-            self.fired_at = t
-        return tuple(active)
+        return tuple(active) if plateaued or self._forced(t) else ()
+
+    def _forced(self, t: int) -> bool:
+        return self._max_time is not None and t >= self._max_time
 
     # ------------------------------------------------------------------ after each validation run
     def observe_validation(self, t: int, metrics: Mapping[str, Tensor | float], reduce: Reducer) -> None:
-        if self.decided_at is not None or self.fired_at is not None:
-            return  # decided on every rank alike (the decision was reduced), so every rank returns here
+        if self.decided_at is not None or self._forced(t):
+            return  # decided (alike on every rank: the decision was reduced), or max_step took the heads already
         if self.monitor not in metrics:
             logged = ", ".join(f"'{k}'" for k in metrics) or "none"
             raise KeyError(
@@ -205,7 +208,6 @@ class PlateauSwitch(Policy):
             "best_score": self.best_score.clone(),
             "wait_count": self.wait_count,
             "decided_at": self.decided_at,
-            "fired_at": self.fired_at,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -217,57 +219,3 @@ class PlateauSwitch(Policy):
         self.best_score = torch.as_tensor(state["best_score"]).clone()
         self.wait_count = int(state["wait_count"])
         self.decided_at = state["decided_at"]
-        self.fired_at = state["fired_at"]
-
-
-# ---------------------------------------------------------------------- parameter checks (shared with conflict.py)
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _check_time(name: str, value: Time) -> None:
-    if value is None:
-        return
-    if _is_int(value):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    elif _is_real(value):
-        if not 0.0 < value < 1.0:
-            raise ValueError(
-                f"{name}={value!r}: a float is a fraction of the run and must lie in (0, 1); "
-                "pass an int for an absolute step (or epoch)"
-            )
-    else:
-        raise TypeError(
-            f"{name} must be an int step (or epoch), a fraction of the run in (0, 1), or None; got {value!r}"
-        )
-
-
-def _resolve(name: str, value: Time, total: float | None, unit: str) -> int | None:
-    """An int time as it is; a fraction of the run resolved against its planned length, rounded as ``Switch``."""
-    if value is None or _is_int(value):
-        return None if value is None else int(value)
-    if total is None or not math.isfinite(total):
-        raise ValueError(
-            f"{name}={value} is a fraction of the run, but the run's length is unknown; set Trainer(max_steps=...) "
-            f"or Trainer(max_epochs=...), or give an int {unit}"
-        )
-    return round(float(value) * float(total))
-
-
-def _check_gamma0(gamma0: Any) -> None:
-    values = gamma0.values() if isinstance(gamma0, Mapping) else (gamma0,)
-    for v in values:
-        if not _is_real(v) or not math.isfinite(v) or v < 0:
-            raise ValueError(
-                f"gamma0 must be a finite number >= 0 (or a {{task: number}} mapping), got {gamma0!r}"
-            )
-
-
-def _per_task_gamma0(gamma0: float | Mapping[str, float], tasks: Sequence[str]) -> dict[str, float]:
-    """Each task's weight before the switch, read as the scheduled strategies read ``gamma0``."""
-    return {task: float(task_gamma0(task, tasks, {"gamma0": gamma0})) for task in tasks}

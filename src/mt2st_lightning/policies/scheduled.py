@@ -1,7 +1,8 @@
 """``SchedulePolicy``: weights and finished tasks from one :class:`~mt2st_lightning.Schedule` per auxiliary task.
 
-Every named schedule strategy (``stl``, ``mtl``, ``diminish``, ``switch``) and custom schedules are this
-policy; the adaptive policies use it as their envelope. It observes nothing and so holds no state: a fraction of
+Every named schedule strategy is a subclass whose typed arguments are its parameters (:class:`STLPolicy`,
+:class:`MTLPolicy`, :class:`DiminishPolicy`, :class:`SwitchPolicy`); custom schedules are this policy itself,
+and the adaptive policies use it as their envelope. It observes nothing and so holds no state: a fraction of
 the run is resolved against the run's length once, in :meth:`SchedulePolicy.bind`.
 """
 
@@ -9,40 +10,31 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 from mt2st_lightning.policies.base import Policy
-from mt2st_lightning.schedules import (
-    Constant,
-    Diminish,
-    Schedule,
-    Switch,
-    _check_finite_non_negative,
-    as_number,
-)
+from mt2st_lightning.policies.params import PerTask, check_accepted, check_gamma0, parameters_of, per_task
+from mt2st_lightning.schedules import Constant, Diminish, Schedule, Switch
 
-__all__ = ["Param", "SchedulePolicy", "check_accepted", "schedules_for"]
+__all__ = [
+    "DiminishPolicy",
+    "MTLPolicy",
+    "Param",
+    "STLPolicy",
+    "SchedulePolicy",
+    "SwitchPolicy",
+    "schedules_for",
+]
 
 #: A strategy parameter: one value for every auxiliary task, or a mapping from task name to its own value.
-Param = Union[float, int, None, Mapping[str, Union[float, int, None]]]
-
-
-def _per_task(name: str, value: Param, task: str, tasks: Sequence[str]) -> float | int | None:
-    if isinstance(value, Mapping):
-        unknown = sorted(set(value) - set(tasks))
-        if unknown:
-            raise ValueError(f"{name} names unknown auxiliary task(s) {unknown}; the tasks are {list(tasks)}")
-        if task not in value:
-            raise ValueError(f"{name} gives no value for auxiliary task {task!r}; give one for each of {list(tasks)}")
-        return as_number(value[task])
-    return as_number(value)
+Param = PerTask
 
 
 def task_gamma0(task: str, tasks: Sequence[str], params: Mapping[str, Param]) -> float | int:
     """``task``'s weight before its schedule acts, from ``params["gamma0"]`` (one value, or one per task)."""
-    value = _per_task("gamma0", params.get("gamma0", 1.0), task, tasks)
-    _check_finite_non_negative("gamma0", value)  # named as the user named it, not "Constant.value"
-    return value
+    gamma0 = params.get("gamma0", 1.0)
+    check_gamma0(gamma0)
+    return per_task("gamma0", gamma0, task, tasks)
 
 
 def _stl(task: str, tasks: Sequence[str], params: Mapping[str, Param]) -> Schedule:
@@ -57,14 +49,14 @@ def _diminish(task: str, tasks: Sequence[str], params: Mapping[str, Param]) -> S
     return Diminish(
         gamma0=task_gamma0(task, tasks, params),
         **{
-            name: _per_task(name, params.get(name, default), task, tasks)
+            name: per_task(name, params.get(name, default), task, tasks)
             for name, default in (("eta", 0.01), ("nu", 1.0), ("prune_below", None))
         },
     )
 
 
 def _switch(task: str, tasks: Sequence[str], params: Mapping[str, Param]) -> Schedule:
-    at = _per_task("switch_at", params.get("switch_at"), task, tasks)
+    at = per_task("switch_at", params.get("switch_at"), task, tasks)
     if at is None:
         raise ValueError("strategy='switch' needs switch_at: an int step (or epoch) or a fraction in (0, 1)")
     return Switch(at=at, gamma0=task_gamma0(task, tasks, params))
@@ -74,39 +66,19 @@ def envelope(task: str, tasks: Sequence[str], params: Mapping[str, Param]) -> Sc
     """The adaptive strategies' envelope: ``Switch(switch_at, gamma0)`` if ``switch_at`` is given, else
     ``Constant(gamma0)``."""
     g0 = task_gamma0(task, tasks, params)
-    at = _per_task("switch_at", params.get("switch_at"), task, tasks)
+    at = per_task("switch_at", params.get("switch_at"), task, tasks)
     return Constant(g0) if at is None else Switch(at=at, gamma0=g0)
 
 
-#: The schedule strategies: name -> (the parameters it reads, how it builds one task's schedule).
-SCHEDULE_BUILDERS: dict[str, tuple[tuple[str, ...], Callable[[str, Sequence[str], Mapping[str, Param]], Schedule]]] = {
-    "stl": ((), _stl),
-    "mtl": (("gamma0",), _mtl),
-    "diminish": (("gamma0", "eta", "nu", "prune_below"), _diminish),
-    "switch": (("gamma0", "switch_at"), _switch),
+#: How each schedule strategy builds one task's schedule; its parameters are its policy class's arguments.
+_BUILDERS: dict[str, Callable[[str, Sequence[str], Mapping[str, Param]], Schedule]] = {
+    "stl": _stl,
+    "mtl": _mtl,
+    "diminish": _diminish,
+    "switch": _switch,
+    "envelope": envelope,
 }
 ENVELOPE_PARAMS = ("gamma0", "switch_at")
-
-# Why a parameter does nothing under a strategy, and what to do instead.
-_HINTS = {
-    "switch_at": "to drop the heads at a step use strategy='switch', or compose schedules, e.g. "
-    "schedules={task: Diminish(...) * Switch(at=...)}; diminish drops a head once its weight is below prune_below",
-    "prune_below": "only strategy='diminish' prunes",
-    "eta": "only strategy='diminish' decays",
-    "nu": "only strategy='diminish' decays",
-}
-
-
-def check_accepted(strategy: str, params: Mapping[str, Any], accepted: Collection[str]) -> None:
-    """Refuse, naming them, the parameters that ``strategy`` would ignore."""
-    ignored = sorted(set(params) - set(accepted))
-    if ignored:
-        hints = "; ".join(f"{name}: {_HINTS[name]}" for name in ignored if name in _HINTS)
-        raise ValueError(
-            f"strategy={strategy!r} ignores {', '.join(ignored)}: remove "
-            f"{'it' if len(ignored) == 1 else 'them'} (it takes {', '.join(accepted) or 'no parameters'})"
-            + (f". {hints}" if hints else "")
-        )
 
 
 def schedules_for(strategy: str, tasks: Sequence[str], **params: Param) -> dict[str, Schedule]:
@@ -125,13 +97,14 @@ def schedules_for(strategy: str, tasks: Sequence[str], **params: Param) -> dict[
     A parameter the strategy ignores is an error, as is a bad value.
     """
     if strategy == "envelope":
-        accepted, build = ENVELOPE_PARAMS, envelope
-    elif strategy in SCHEDULE_BUILDERS:
-        accepted, build = SCHEDULE_BUILDERS[strategy]
+        accepted: Collection[str] = ENVELOPE_PARAMS
+    elif strategy in SCHEDULE_POLICIES:
+        accepted = parameters_of(SCHEDULE_POLICIES[strategy])
     else:
         raise ValueError(
-            f"unknown schedule strategy {strategy!r}; choose one of {', '.join([*SCHEDULE_BUILDERS, 'envelope'])}"
+            f"unknown schedule strategy {strategy!r}; choose one of {', '.join([*SCHEDULE_POLICIES, 'envelope'])}"
         )
+    build = _BUILDERS[strategy]
     check_accepted(strategy, params, accepted)
     out: dict[str, Schedule] = {}
     for task in tasks:
@@ -227,3 +200,63 @@ class SchedulePolicy(Policy):
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # a pure function of time: nothing to save (the callback saves the run's planned length)
+
+
+class STLPolicy(SchedulePolicy):
+    """``strategy="stl"``: single-task learning, auxiliary weights 0 from the start (their heads never run)."""
+
+    name = "stl"
+
+    def __init__(self) -> None:
+        super().__init__(strategy="stl")
+
+
+class MTLPolicy(SchedulePolicy):
+    """``strategy="mtl"``: plain multi-task learning, constant auxiliary weights.
+
+    Args:
+        gamma0: the auxiliary weight; one value or a ``{task: value}`` mapping.
+    """
+
+    name = "mtl"
+
+    def __init__(self, gamma0: PerTask = 1.0) -> None:
+        super().__init__(strategy="mtl", params={"gamma0": gamma0})
+
+
+class DiminishPolicy(SchedulePolicy):
+    """``strategy="diminish"`` (MT2ST-Diminish): ``gamma0 * exp(-eta * t ** nu)``, a head dropped once its
+    weight falls below ``prune_below``.
+
+    Args:
+        gamma0, eta, nu: the decay; each one value or a ``{task: value}`` mapping.
+        prune_below: drop a task's head once its weight is below this (``None``: never).
+    """
+
+    name = "diminish"
+
+    def __init__(
+        self, gamma0: PerTask = 1.0, eta: PerTask = 0.01, nu: PerTask = 1.0, prune_below: PerTask = None
+    ) -> None:
+        super().__init__(strategy="diminish", params=dict(gamma0=gamma0, eta=eta, nu=nu, prune_below=prune_below))
+
+
+class SwitchPolicy(SchedulePolicy):
+    """``strategy="switch"`` (MT2ST-Switch): weight ``gamma0`` until ``switch_at``, then 0 and the heads leave.
+
+    Args:
+        switch_at: an int step (or epoch, per the callback's ``unit``) or a float in (0, 1), a fraction of the
+            run; one value or a ``{task: value}`` mapping. Required.
+        gamma0: the auxiliary weight before the switch; one value or a ``{task: value}`` mapping.
+    """
+
+    name = "switch"
+
+    def __init__(self, switch_at: PerTask = None, gamma0: PerTask = 1.0) -> None:
+        super().__init__(strategy="switch", params=dict(switch_at=switch_at, gamma0=gamma0))
+
+
+#: The schedule strategies, by name.
+SCHEDULE_POLICIES: dict[str, type[SchedulePolicy]] = {
+    cls.name: cls for cls in (STLPolicy, MTLPolicy, DiminishPolicy, SwitchPolicy)
+}
