@@ -170,7 +170,12 @@ CASES: dict[str, list[tuple[str, Any]]] = {
     "monitor": [("{strategy: plateau, monitor: val/loss, mode: min}", "val/loss")],
     "mode": [("{strategy: plateau, monitor: val/loss, mode: min}", "min")],
     "patience": [("{strategy: plateau, monitor: val/loss, patience: 4}", 4)],
+    "patience_steps": [
+        ("{strategy: plateau, monitor: val/loss, patience_steps: 60}", 60),
+        ("{strategy: plateau, monitor: val/loss, patience_steps: 0.15}", 0.15),
+    ],
     "min_delta": [("{strategy: plateau, monitor: val/loss, min_delta: 0.01}", 0.01)],
+    "min_delta_mode": [("{strategy: plateau, monitor: val/loss, min_delta: 0.05, min_delta_mode: rel}", "rel")],
     "min_step": [("{strategy: plateau, monitor: val/loss, min_step: 20}", 20)],
     "max_step": [("{strategy: plateau, monitor: val/loss, max_step: 150}", 150)],
     "threshold": [("{strategy: conflict, threshold: -0.1}", -0.1)],
@@ -304,6 +309,7 @@ BAD = [
     ("{strategy: noise, adapt_decay: 1.5}", r"adapt_decay must .*\[0, 1\)"),
     ("{strategy: gradnorm, measure_on: weights}", r"measure_on must be"),
     ("{strategy: plateau, monitor: val/loss, mode: maximum}", r"mode must be 'min' or 'max'"),
+    ("{strategy: plateau, monitor: val/loss, min_delta_mode: relative}", r"min_delta_mode must be 'abs'"),
     ("{strategy: switch, switch_at: 5, eta: 0.1}", r"strategy='switch' ignores eta"),
 ]
 

@@ -21,7 +21,7 @@ from mt2st_lightning.extras import EXTRAS
 #: imports (torchmetrics is one of its dependencies, and torchmetrics imports matplotlib wherever matplotlib is
 #: installed, judging by its package metadata, which this blocking cannot hide). `.ci/run` checks the core in a
 #: virtual environment that holds torch and Lightning alone, where matplotlib is not installed at all.
-OPTIONAL = ("hydra", "omegaconf", "sklearn", "gensim")
+OPTIONAL = ("hydra", "omegaconf", "sklearn", "gensim", "optuna")
 
 
 def _run_without(modules: tuple[str, ...], code: str) -> subprocess.CompletedProcess:

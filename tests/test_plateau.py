@@ -25,13 +25,14 @@ from hypothesis import strategies as st
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.trainer.states import TrainerFn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tests.conftest import TASKS as TOY_TASKS
 from tests.conftest import toy_loader, toy_model, toy_trainer
 from tests.test_app import compose_train
 
 from mt2st_lightning import MT2STCallback
 from mt2st_lightning.examples.models import MLPEncoder, MultiTaskModel
-from mt2st_lightning.app.run_format import VAL_PRIMARY_METRIC
+from mt2st_lightning.app.run_format import VAL_LOSS, VAL_PRIMARY_METRIC
 from mt2st_lightning.names import SWITCH_STEP_PREFIX
 from mt2st_lightning.policies.plateau import PlateauSwitch
 from mt2st_lightning.app.train import train
@@ -132,25 +133,171 @@ def test_decides_exactly_where_early_stopping_stops(values, mode, patience, min_
     assert decided == early_stopping_check(values, mode=mode, patience=patience, min_delta=min_delta)
 
 
+def reduce_lr_on_plateau_check(values, *, mode, patience, threshold):
+    """The index of the check at which PyTorch's ReduceLROnPlateau (threshold_mode="rel") first lowers the
+    learning rate: after more than ``patience - 1`` bad checks, i.e. at the ``patience``-th."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = ReduceLROnPlateau(
+        optimizer, mode=mode, factor=0.5, patience=patience - 1, threshold=threshold, threshold_mode="rel"
+    )
+    for i, value in enumerate(values):
+        scheduler.step(float(value))
+        if optimizer.param_groups[0]["lr"] < 1.0:
+            return i
+    return None
+
+
+# Positive values and margins that are exact in float32 and float64 alike (ReduceLROnPlateau computes in Python
+# floats, the policy in the monitored tensor's dtype), so that "improved by exactly the margin" is the same
+# verdict in both; NaN as a check without improvement. Ties at the margin happen often.
+positive_values = st.one_of(
+    st.integers(1, 32).map(lambda v: v / 8),
+    st.just(math.nan),
+).map(lambda v: torch.tensor(v, dtype=torch.float32))
+relative_margins = st.sampled_from([0.0, 0.125, 0.25, 0.5])
+
+
 @pytest.mark.filterwarnings("ignore:.*is not finite")
 @SETTINGS
-@given(values=sequences, mode=modes, patience=patiences, min_delta=min_deltas, cut=st.integers(0, 25))
-def test_a_resume_mid_wait_decides_at_the_same_check(values, mode, patience, min_delta, cut):
+@given(values=st.lists(positive_values, min_size=1, max_size=25), mode=modes, patience=patiences, rel=relative_margins)
+def test_a_relative_margin_decides_where_reduce_lr_on_plateau_reduces(values, mode, patience, rel):
+    policy = PlateauSwitch(KEY, mode=mode, patience=patience, min_delta=rel, min_delta_mode="rel")
+    policy.bind(TASKS, total=None, unit="step")
+    decided = plateau_check(policy, values)
+    assert decided == reduce_lr_on_plateau_check(values, mode=mode, patience=patience, threshold=rel)
+
+
+@pytest.mark.parametrize(
+    ("mode", "best", "not_enough", "enough"),
+    [
+        ("min", 1.0, 0.75, 0.7499),  # 25 % of |1.0| = 0.25: 0.75 only ties the margin
+        ("max", 2.0, 2.5, 2.5001),  # 25 % of |2.0| = 0.5
+        ("max", -2.0, -1.5, -1.4999),  # a negative best: the margin is 25 % of its magnitude, 0.5
+        ("min", -2.0, -2.5, -2.5001),
+    ],
+)
+def test_a_relative_margin_is_a_fraction_of_the_best_values_magnitude(mode, best, not_enough, enough):
+    for value, improves in ((not_enough, False), (enough, True)):
+        policy = PlateauSwitch(KEY, mode=mode, patience=1, min_delta=0.25, min_delta_mode="rel")
+        policy.bind(TASKS, total=None, unit="step")
+        policy.observe_validation(10, {KEY: torch.tensor(best)}, OneRank())
+        policy.observe_validation(20, {KEY: torch.tensor(value)}, OneRank())
+        assert (policy.decided_at is None) is improves, (value, policy.best_score)
+        assert float(policy.best_score) == pytest.approx(value if improves else best)
+
+
+def test_a_loss_that_keeps_falling_by_more_than_the_margin_never_decides_and_a_flattening_one_does():
+    # 10 % lower each check against a 5 % margin: never a plateau. Then it flattens (2 % a check): the first
+    # such check (index 10) starts the wait, the second (index 11) ends it with patience 2.
+    falling = [0.9**k for k in range(10)]
+    flattening = falling + [falling[-1] * 0.98**k for k in range(1, 6)]
+    for values, expected in ((falling, None), (flattening, 11)):
+        policy = PlateauSwitch(KEY, mode="min", patience=2, min_delta=0.05, min_delta_mode="rel")
+        policy.bind(TASKS, total=None, unit="step")
+        assert plateau_check(policy, [torch.tensor(v) for v in values]) == expected
+    # An absolute margin of 0 (the EarlyStopping default) sees the 2 % gains as improvement: never decides.
+    policy = PlateauSwitch(KEY, mode="min", patience=2)
+    policy.bind(TASKS, total=None, unit="step")
+    assert plateau_check(policy, [torch.tensor(v) for v in flattening]) is None
+
+
+@pytest.mark.parametrize(
+    ("patience_steps", "total", "decided"),
+    [
+        (None, None, 20),  # 2 checks alone: the second check after the best (step 0)
+        (0, None, 20),
+        (39, None, 40),  # checks every 10 steps: the first check at least 39 steps after the best
+        (40, None, 40),  # exactly 40 steps after the best is enough
+        (41, None, 50),
+        (0.25, 200.0, 50),  # a fraction of the run: 50 steps
+    ],
+)
+def test_patience_steps_makes_the_wait_last_a_time_as_well(patience_steps, total, decided):
+    policy = PlateauSwitch(KEY, mode="min", patience=2, patience_steps=patience_steps)
+    policy.bind(TASKS, total=total, unit="step")
+    for t in range(0, 100, 10):  # the best at step 0, never improved on
+        policy.observe_validation(t, {KEY: torch.tensor(1.0)}, OneRank())
+    assert policy.best_time == 0 and policy.decided_at == decided
+
+
+def test_patience_steps_counts_from_the_check_that_set_the_best():
+    policy = PlateauSwitch(KEY, mode="min", patience=1, patience_steps=25)
+    policy.bind(TASKS, total=None, unit="step")
+    for t, value in [(0, 1.0), (10, 1.0), (20, 0.5), (30, 0.9), (40, 0.9)]:
+        policy.observe_validation(t, {KEY: torch.tensor(value)}, OneRank())
+        assert policy.decided_at is None  # 20 steps since the best at step 20: not yet 25
+    assert (policy.best_time, policy.wait_count) == (20, 2)
+    policy.observe_validation(50, {KEY: torch.tensor(0.9)}, OneRank())
+    assert policy.decided_at == 50
+
+
+def test_the_same_patience_steps_decides_alike_at_two_cadences():
+    # One loss curve, sampled every 10 and every 25 steps: it improves by more than 5 % until step 100, then
+    # by 1 % per 10 steps. patience_steps=50 decides at the first check 50 steps after the last real gain,
+    # whatever the cadence; a patience of 2 checks alone would decide 20 steps after it at the fine cadence.
+    def loss(step):
+        return 0.8 ** (step / 10) if step <= 100 else 0.8**10 * 0.99 ** ((step - 100) / 10)
+
+    def decision(every, patience_steps):
+        policy = PlateauSwitch(
+            KEY, mode="min", patience=2, patience_steps=patience_steps, min_delta=0.05, min_delta_mode="rel"
+        )
+        policy.bind(TASKS, total=400.0, unit="step")
+        for t in range(0, 400, every):
+            policy.observe_validation(t, {KEY: torch.tensor(loss(t))}, OneRank())
+        return policy.best_time, policy.decided_at
+
+    assert decision(10, 50) == decision(25, 50) == (100, 150)
+    assert decision(10, None) == (100, 120) and decision(25, None) == (100, 150)
+
+
+def test_a_fresh_fit_forgets_the_time_of_the_best_and_an_old_checkpoint_without_it_still_loads():
+    policy = PlateauSwitch(KEY, patience=5, patience_steps=30)
+    policy.bind(TASKS, total=None, unit="step")
+    plateau_check(policy, [torch.tensor(1.0), torch.tensor(2.0)])
+    assert policy.best_time == 0
+    policy.bind(TASKS, total=None, unit="step")
+    assert policy.best_time is None
+    old = {k: v for k, v in policy.state_dict().items() if k != "best_time"}  # written before patience_steps
+    policy.load_state_dict({**old, "wait_count": 1})
+    assert policy.best_time is None and policy.wait_count == 1
+
+
+@pytest.mark.filterwarnings("ignore:.*is not finite")
+@SETTINGS
+@given(
+    values=sequences,
+    mode=modes,
+    patience=patiences,
+    min_delta=min_deltas,
+    min_delta_mode=st.sampled_from(["abs", "rel"]),
+    patience_steps=st.sampled_from([None, 0, 15, 30]),  # checks come every 10 steps (plateau_check)
+    cut=st.integers(0, 25),
+)
+def test_a_resume_mid_wait_decides_at_the_same_check(
+    values, mode, patience, min_delta, min_delta_mode, patience_steps, cut
+):
     cut = min(cut, len(values))
-    uninterrupted = PlateauSwitch(KEY, mode=mode, patience=patience, min_delta=min_delta)
+    if min_delta_mode == "rel":
+        min_delta = min(min_delta, 0.5)  # a fraction of |best|, < 1
+    kwargs = dict(
+        mode=mode, patience=patience, min_delta=min_delta, min_delta_mode=min_delta_mode, patience_steps=patience_steps
+    )
+    uninterrupted = PlateauSwitch(KEY, **kwargs)
     uninterrupted.bind(TASKS, total=None, unit="step")
     expected = plateau_check(uninterrupted, values)
 
-    first = PlateauSwitch(KEY, mode=mode, patience=patience, min_delta=min_delta)
+    first = PlateauSwitch(KEY, **kwargs)
     first.bind(TASKS, total=None, unit="step")
     decided = plateau_check(first, values[:cut])
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)  # through a checkpoint's serialisation
     buffer.seek(0)
-    resumed = PlateauSwitch(KEY, mode=mode, patience=patience, min_delta=min_delta)
+    resumed = PlateauSwitch(KEY, **kwargs)
     resumed.bind(TASKS, total=None, unit="step")  # a resumed fit binds, then gets the checkpoint's state
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert resumed.wait_count == first.wait_count and torch.equal(resumed.best_score, first.best_score)
+    assert resumed.best_time == first.best_time
     if decided is None:
         decided = plateau_check(resumed, values[cut:], start=cut)
     assert decided == expected
@@ -262,7 +409,11 @@ def test_a_checkpoint_of_another_monitor_is_refused():
         ({"monitor": KEY, "patience": True}, "patience must be an int >= 1"),
         ({"monitor": KEY, "patience": 2.0}, "patience must be an int >= 1"),
         ({"monitor": KEY, "min_delta": -0.1}, "min_delta must be a finite number >= 0"),
+        ({"monitor": KEY, "min_delta_mode": "relative"}, "min_delta_mode must be 'abs' .* or 'rel'"),
+        ({"monitor": KEY, "min_delta": 1.0, "min_delta_mode": "rel"}, r"min_delta is a fraction of \|best\| and must be < 1"),
         ({"monitor": KEY, "min_step": 1.5}, "min_step=1.5: a float is a fraction"),
+        ({"monitor": KEY, "patience_steps": 1.5}, "patience_steps=1.5: a float is a fraction"),
+        ({"monitor": KEY, "patience_steps": -10}, "patience_steps must be >= 0"),
         ({"monitor": KEY, "max_step": -1}, "max_step must be >= 0"),
         ({"monitor": KEY, "max_step": "10"}, r"max_step must be an int \(step or epoch\) or a float in \(0, 1\)"),
         ({"monitor": KEY, "min_step": 50, "max_step": 10}, "min_step=50 lies after max_step=10"),
@@ -278,6 +429,8 @@ def test_bad_parameters_fail_at_construction(kwargs, match):
     ("kwargs", "total", "match"),
     [
         ({"max_step": 100}, 100.0, "max_step resolves to step 100, at or beyond the run's end"),
+        ({"patience_steps": 100}, 100.0, "patience_steps resolves to 100 steps, as long as the run or longer"),
+        ({"patience_steps": 0.5}, None, "patience_steps=0.5 is a fraction of the run, but the run's length is unknown"),
         ({"max_step": 0.5}, None, "max_step=0.5 is a fraction of the run, but the run's length is unknown"),
         ({"min_step": 0.9, "max_step": 50}, 100.0, "min_step resolves to step 90, after max_step"),
         ({"gamma0": {"recon": 1.0}}, 100.0, r"gamma0 gives no value for auxiliary task 'parity'"),
@@ -446,15 +599,20 @@ def test_under_ddp_a_plateau_on_one_rank_switches_every_rank_at_the_same_step(tm
 
 
 # ------------------------------------------------------------------------------ from the Hydra app
-def test_the_hydra_preset_monitors_the_apps_primary_validation_metric():
+def test_the_hydra_preset_monitors_the_apps_primary_validation_loss_with_a_relative_margin():
+    # The values docs/strategies.md argues from the paper settings' measured validation curves.
     cfg = compose_train("strategy=plateau")
     callback = hydra.utils.instantiate(cfg.strategy)
     assert isinstance(callback.policy, PlateauSwitch)
-    assert (callback.policy.monitor, callback.policy.mode, callback.policy.patience) == (
-        VAL_PRIMARY_METRIC,
-        "max",
-        3,
-    )
+    policy = callback.policy
+    assert (
+        policy.monitor,
+        policy.mode,
+        policy.patience,
+        policy.patience_steps,
+        policy.min_delta,
+        policy.min_delta_mode,
+    ) == (VAL_LOSS, "min", 2, 0.15, 0.05, "rel")
 
 
 @pytest.mark.slow
@@ -465,6 +623,10 @@ def test_mt2st_train_switches_on_a_plateau(tmp_path):
         f"paths.output_dir={tmp_path}",
         "experiment=smoke",
         "strategy=plateau",
+        f"strategy.monitor={VAL_PRIMARY_METRIC}",
+        "strategy.mode=max",
+        "strategy.min_delta_mode=abs",
+        "strategy.patience_steps=null",
         "strategy.patience=1",
         "strategy.min_delta=1.0",
         "trainer.max_epochs=3",

@@ -255,8 +255,8 @@ def test_markdown_table(sweep):
     assert cells["stl"][7] == "0.0 ± 0.0"
     assert cells["switch"][7] == "-30.0 ± 0.0"
     assert cells["switch"][2] == "92.0 ± 1.4"
-    assert cells["switch"][9] == "3.50 ± 1.41"
-    assert cells["mtl"][9] == "not reached"
+    assert cells["switch"][10] == "3.50 ± 1.41"
+    assert cells["mtl"][10] == "not reached"
 
 
 def test_partly_reached_targets_say_how_many_runs(tmp_path):
@@ -444,6 +444,47 @@ def _markdown_and_csv(root: Path) -> tuple[str, dict[str, dict[str, str]]]:
     report = write_report(root)
     with open(report.csv_path) as f:
         return report.markdown_path.read_text(), {r["strategy"]: r for r in csv.DictReader(f)}
+
+
+def _drop_column(markdown: str) -> dict[str, str]:
+    """The "heads dropped at step" cell of each row of a summary.md's main table."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    at = header.index("heads dropped at step")
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+    return {cells[0]: cells[at] for cells in rows if len(cells) == len(header)}
+
+
+def test_the_table_says_where_each_rows_heads_were_dropped_or_that_they_never_were(sweep):
+    markdown, records = _markdown_and_csv(sweep)
+    # The fixture: both STL seeds without heads from step 0, both Switch seeds at step 30, MTL never.
+    assert _drop_column(markdown) == {"stl": "2/2 at 0", "switch": "2/2 at 30", "mtl": "never"}
+    assert (records["switch"]["fired_runs"], records["switch"]["drop_steps"]) == ("2", "30 30")
+    assert (records["mtl"]["fired_runs"], records["mtl"]["drop_steps"]) == ("0", "never")
+
+
+def test_a_data_driven_row_lists_each_seeds_drop_step_and_how_many_fired(tmp_path):
+    val = [(99, 0.5, 500, 1.0), (299, 0.6, 1000, 2.0)]  # checks around every drop step below
+    # Seeds written out of order: the cell and the CSV list them by seed. Seed 1 never fired; seed 3 dropped
+    # its two heads at different steps (a per-task switch, e.g. conflict).
+    runs = {"a": (2, {"recon": 250}), "b": (0, {"recon": 150}), "c": (1, None), "d": (3, {"recon": 60, "edges": 230})}
+    for name, (seed, drops) in runs.items():
+        write_run(tmp_path, name, strategy="plateau", seed=seed, flops=10, val=val, drop_times=drops, weights={0: 1.0, 299: 0.0})
+    markdown, records = _markdown_and_csv(tmp_path)
+    assert _drop_column(markdown) == {"plateau": "3/4 at 150, 250, 60-230"}
+    assert records["plateau"]["seeds"] == "0 1 2 3"
+    assert (records["plateau"]["fired_runs"], records["plateau"]["drop_steps"]) == ("3", "150 never 250 60-230")
+    (row,) = summarize(collect_runs(tmp_path)).rows
+    assert row.fired == 3 and row.drop_steps == [(150.0, 150.0), None, (250.0, 250.0), (60.0, 230.0)]
+
+
+def test_drop_steps_of_epoch_runs_are_reported_in_optimizer_steps(tmp_path):
+    val = [(9, 0.5, 1, 1), (19, 0.6, 2, 2)]
+    write_run(
+        tmp_path, "a", strategy="plateau", seed=0, flops=1, unit="epoch", drop_times={"recon": 1}, val=val, weights={0: 1.0, 19: 0.0}
+    )
+    markdown, _ = _markdown_and_csv(tmp_path)
+    assert _drop_column(markdown) == {"plateau": "1/1 at 19"}
 
 
 def test_other_test_metrics_get_a_table_and_csv_columns_of_their_own(tmp_path):

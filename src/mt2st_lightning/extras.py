@@ -13,6 +13,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "report": ("matplotlib",),
     "examples": ("sklearn", "torchmetrics"),
     "text": ("gensim",),
+    "search": ("optuna",),
 }
 
 

@@ -32,8 +32,10 @@ __all__ = [
     "TRAIN_LOSS",
     "VAL_LOSS",
     "VAL_PRIMARY_METRIC",
+    "first_reach",
     "read_metrics",
     "task_loss",
+    "validation_rows",
 ]
 
 # ---------------------------------------------------------------------------------------------- files
@@ -67,6 +69,18 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     """The rows of a ``metrics.csv``, each holding only the columns it has a value in."""
     with open(path, newline="") as f:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def validation_rows(metrics: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The rows of a run's ``metrics.csv`` (:func:`read_metrics`) written at a validation check."""
+    return [row for row in metrics if VAL_PRIMARY_METRIC in row]
+
+
+def first_reach(metrics: list[dict[str, float]], target: float) -> dict[str, float] | None:
+    """The first validation row whose primary metric reaches ``target`` (``>=``), or ``None`` if none does. Its
+    ``cost/flops_at_val`` and ``cost/time_s_at_val`` are the training cost to that check: the report's "to
+    target" columns and the search's ``flops_to_target`` objective."""
+    return next((row for row in validation_rows(metrics) if row[VAL_PRIMARY_METRIC] >= target), None)
 
 
 # ---------------------------------------------------------------------------------------------- the run summary

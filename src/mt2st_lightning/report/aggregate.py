@@ -139,6 +139,14 @@ class Row:
     other_test_metrics: dict[str, Stat] = field(default_factory=dict)  # e.g. a held-out auxiliary metric
     stream_costs: dict[str, Stat] = field(default_factory=dict)  # what the auxiliary data streams loaded
     rising_at_end: int = 0  # runs whose last validation check set their best value
+    #: Per run, in seed order: the first and last optimizer step at which an auxiliary head was dropped (one
+    #: step for a switch that drops every head at once), or ``None`` for a run that kept its heads to the end.
+    drop_steps: list[tuple[float, float] | None] = field(default_factory=list)
+
+    @property
+    def fired(self) -> int:
+        """How many of the row's runs dropped an auxiliary head (the switch fired)."""
+        return sum(steps is not None for steps in self.drop_steps)
 
 
 @dataclass
@@ -202,6 +210,7 @@ def summarize(runs: Sequence[Run]) -> Summary:
                 other_test_metrics=_stats_by_key([r.other_test_metrics for r in runs_]),
                 stream_costs=_stats_by_key([r.stream_costs for r in runs_]),
                 rising_at_end=sum(r.rising_at_end for r in runs_),
+                drop_steps=[_drop_span(r) for r in sorted(runs_, key=lambda r: r.summary.seed)],
             )
         )
     used = {(row.target, row.baseline_flops) for row in rows}
@@ -231,6 +240,12 @@ def _stats_by_key(values: Sequence[Mapping[str, float]]) -> dict[str, Stat]:
     keys = sorted({k for v in values for k in v})
     stats = {k: Stat.of(x if x is not None and math.isfinite(x) else None for x in (v.get(k) for v in values)) for k in keys}
     return {k: stat for k, stat in stats.items() if stat is not None}
+
+
+def _drop_span(run: Run) -> tuple[float, float] | None:
+    """The first and last step at which ``run`` dropped an auxiliary head; ``None`` if it dropped none."""
+    steps = run.drop_steps().values()
+    return (min(steps), max(steps)) if steps else None
 
 
 def _compression(flops: Stat | None, baseline: float | None) -> Stat | None:

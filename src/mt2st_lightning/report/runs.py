@@ -13,7 +13,9 @@ from mt2st_lightning.app.run_format import (
     SUMMARY_FILE,
     TEST_PRIMARY_METRIC,
     RunSummary,
+    first_reach,
     read_metrics,
+    validation_rows,
 )
 from mt2st_lightning.app.run_format import VAL_PRIMARY_METRIC as VAL_METRIC
 
@@ -51,7 +53,7 @@ class Run:
 
     @property
     def val_rows(self) -> list[dict[str, float]]:
-        return [r for r in self.metrics if VAL_METRIC in r]
+        return validation_rows(self.metrics)
 
     @property
     def final_val(self) -> float | None:
@@ -93,7 +95,7 @@ class Run:
 
     def first_reach(self, target: float) -> dict[str, float] | None:
         """The first validation row whose primary metric reaches ``target``; ``None`` if none does."""
-        return next((r for r in self.val_rows if r[VAL_METRIC] >= target), None)
+        return first_reach(self.metrics, target)
 
     def drop_steps(self) -> dict[str, float]:
         """Task -> optimizer step at which its head was dropped (epochs mapped to that epoch's first step)."""

@@ -13,6 +13,7 @@ from mt2st_lightning.report.aggregate import Row, Stat, Summary
 __all__ = [
     "COLUMNS",
     "columns",
+    "drop_cell",
     "markdown_table",
     "other_metrics_table",
     "stream_costs_table",
@@ -41,6 +42,22 @@ def _cell(stat: Stat | None, fmt: Any) -> str:
     return "" if stat is None else stat.format(fmt)
 
 
+def _span(steps: tuple[float, float]) -> str:
+    first, last = steps
+    return f"{first:g}" if first == last else f"{first:g}-{last:g}"
+
+
+def drop_cell(row: Row) -> str:
+    """Where the row's runs dropped their auxiliary heads: ``"never"``, or how many runs did and at which
+    step, e.g. ``"3/3 at 120"`` (every run at the same step) or ``"2/3 at 149, 249"`` (each run that did, in
+    seed order; ``"60-230"`` for a run whose heads left at different steps)."""
+    spans = [_span(steps) for steps in row.drop_steps if steps is not None]
+    if not spans:
+        return "never"
+    where = spans[0] if len(set(spans)) == 1 else ", ".join(spans)
+    return f"{len(spans)}/{len(row.drop_steps)} at {where}"
+
+
 def _to_target(stat: Stat | None, row: Row, fmt: Any) -> str:
     if row.target is None:
         return ""
@@ -59,6 +76,7 @@ COLUMNS = (
     "train time (s)",
     "train FLOPs",
     "compression vs STL (%)",
+    "heads dropped at step",
     "FLOPs/batch after switch",
     "time to target (s)",
     "FLOPs to target",
@@ -87,6 +105,7 @@ def markdown_table(summary: Summary) -> str:
             _cell(row.train_time_s, _seconds),
             _cell(row.train_flops, _si),
             _cell(row.compression, _percent),
+            drop_cell(row),
             _cell(row.flops_per_batch_last_phase, _si),
             _to_target(row.time_to_target_s, row, _seconds),
             _to_target(row.flops_to_target, row, _si),
@@ -143,6 +162,10 @@ def table_notes(summary: Summary) -> str:
             "validation check set a new best, so the target is below what STL would reach with more training."
         )
     notes.append(
+        "Heads dropped at step: how many runs dropped their auxiliary heads, and at which optimizer step (each "
+        "run that did, in seed order, unless all agree); step 0 means from the start (STL), never: kept to the end."
+    )
+    notes.append(
         "Train time and FLOPs count training batches (forward + backward, rank 0); wall time is the whole "
         "fit, validation and checkpointing included. FLOPs/batch after switch: the last phase's count."
     )
@@ -179,6 +202,10 @@ def write_csv(summary: Summary, path: Path) -> None:
                 # The key as logged ("test/aux/spearman"): its slash keeps it apart from the main columns.
                 record.update(_stat_fields(key, getattr(row, attribute).get(key)))
         record["reached_target"] = row.reached_target if row.target is not None else ""
+        # Per run in seed order (column "seeds"): the step its heads were dropped at, "first-last" if they
+        # left at different steps, "never" if they stayed.
+        record["fired_runs"] = row.fired
+        record["drop_steps"] = " ".join("never" if s is None else _span(s) for s in row.drop_steps)
         record["target_val_acc"] = "" if row.target is None else row.target
         record["stl_flops"] = "" if row.baseline_flops is None else row.baseline_flops
         records.append(record)
