@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers.logger import DummyLogger
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from torchmetrics import Accuracy, MeanSquaredError
@@ -415,12 +416,15 @@ def count_library_syncs(model: ModelSpec, variant: Variant, data: Data, opts: Fi
 def training_state_bytes(module: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, int]:
     """Bytes of the storages behind parameters, existing ``.grad`` tensors, optimizer state tensors and buffers,
     each storage counted once (by device and data pointer). The storage, not ``numel``: a parameter that
-    ``release_heads`` emptied counts 0, one that shares a storage counts it once."""
+    ``release_heads`` emptied counts 0, one that shares a storage counts it once. A sharded tensor (FSDP2's
+    DTensor) counts the storage of this rank's shard."""
     seen: set[tuple[str, int]] = set()
 
     def nbytes(tensors: Iterator[Tensor]) -> int:
         total = 0
         for t in tensors:
+            if isinstance(t, DTensor):
+                t = t.to_local()
             if not isinstance(t, Tensor) or t.device.type == "meta":
                 continue
             s = t.untyped_storage()

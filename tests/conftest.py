@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from mt2st_lightning.examples.data.image_tasks import DictDataset
@@ -117,3 +119,31 @@ class StepRecorder(LossTap):
 @pytest.fixture
 def recorder() -> StepRecorder:
     return StepRecorder()
+
+
+# ---------------------------------------------------------------------------------------- torch.distributed in-process
+@pytest.fixture
+def restored_environ():
+    """The environment as it was before the test: Lightning's launcher writes the ranks and the rendezvous into
+    os.environ (LOCAL_RANK makes later trainers believe a cluster started them)."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture
+def process_group(restored_environ):
+    """A one-process gloo group, as ModelParallelStrategy makes one; destroyed afterwards, so that no other test
+    sees torch.distributed initialised."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(29400 + os.getpid() % 1000)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

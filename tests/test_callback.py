@@ -57,6 +57,20 @@ def test_switch_drops_heads_for_real(tmp_path, recorder):
     assert not torch.equal(model.heads["label"][0].weight, stopped.heads["label"][0].weight)
 
 
+def test_a_fit_that_ends_before_training_stops_unfreezing_heads_on_load():
+    # Un-freezing on load is for a fit's own restore (MT2STCallback.on_fit_start, under FSDP2): once the fit has
+    # ended, even before on_train_start, a later load (e.g. trainer.test(ckpt_path=...)) leaves dropped heads frozen.
+    before_drop = toy_model()
+    before_drop.track_drops_in_state_dict()
+    state = before_drop.state_dict()
+    model = toy_model()
+    model.drop_task("recon")
+    model.track_drops_in_state_dict(unfreeze_on_load=True)  # as on fit start
+    MT2STCallback("switch", switch_at=2).teardown(None, model, "fit")  # type: ignore[arg-type]
+    model.load_state_dict(state)
+    assert model.dropped_tasks == {"recon"}
+
+
 def test_release_heads_frees_their_weights_and_changes_nothing_else(tmp_path):
     kept = StepRecorder()
     _, kept_model = fit(tmp_path / "kept", MT2STCallback("switch", switch_at=4), kept)
@@ -358,16 +372,6 @@ def test_module_without_mixin_is_rejected(tmp_path):
 def test_switch_fraction_needs_a_known_run_length(tmp_path):
     with pytest.raises(ValueError, match="run's length is unknown"):
         fit(tmp_path, MT2STCallback("switch", switch_at=0.5, unit="epoch"), max_epochs=-1, max_steps=5)
-
-
-def test_sharded_strategies_are_rejected():
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    from mt2st_lightning.heads import check_can_drop as _check_can_drop
-
-    # FSDP needs a GPU to train; the check itself runs in MT2STCallback.setup, before any step.
-    with pytest.raises(RuntimeError, match="FSDPStrategy is not supported"):
-        _check_can_drop(FSDPStrategy())
 
 
 # ---------------------------------------------------------------------------------------- the deployable model

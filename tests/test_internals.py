@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -82,8 +83,84 @@ def test_sharded_ddp_subclasses_are_recognised_by_name():
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     assert issubclass(DeepSpeedStrategy, DDPStrategy)
-    with pytest.raises(RuntimeError, match="DeepSpeedStrategy is not supported"):
+    with pytest.raises(RuntimeError, match="does not drop heads under DeepSpeed"):
         heads.check_can_drop(DeepSpeedStrategy.__new__(DeepSpeedStrategy))
+
+
+def test_saves_distributed_checkpoint_reads_the_argument():
+    # ModelParallelStrategy._save_distributed_checkpoint
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    assert internals.saves_distributed_checkpoint(ModelParallelStrategy()) is True
+    assert internals.saves_distributed_checkpoint(ModelParallelStrategy(save_distributed_checkpoint=False)) is False
+
+
+# ------------------------------------------------------------------------------ FSDP2 (fully_shard)
+@pytest.mark.usefixtures("process_group")
+def test_fully_shard_api_is_the_function_and_its_module_class():
+    # torch.distributed.fsdp.{fully_shard, FSDPModule} (torch.distributed._composable.fsdp before torch 2.6)
+    fully_shard, fsdp_module = internals.fully_shard_api()
+    layer = torch.nn.Linear(4, 4)
+    assert fully_shard(layer) is layer and isinstance(layer, fsdp_module)
+    assert callable(fully_shard.state)  # what fsdp2_units reads the units through
+
+
+@pytest.mark.usefixtures("process_group")
+def test_fsdp2_units_lists_each_fully_shard_calls_parameters():
+    # fully_shard.state(m)._fsdp_param_groups[i].fsdp_params[j].sharded_param
+    fully_shard, _ = internals.fully_shard_api()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    fully_shard(model[0])
+    fully_shard([model[1], model[2]])  # one unit of two modules
+    fully_shard(model)  # the root: nothing left to hold
+    units = internals.fsdp2_units(model)
+    assert sorted(len(unit) for unit in units) == [2, 4]  # the root holds no parameter: no group
+    registered = {id(p) for p in model.parameters()}
+    assert all(id(p) in registered for unit in units for p in unit)  # the sharded parameters the module holds
+
+
+def test_fully_shard_api_says_which_torch_it_needs(monkeypatch):
+    # Neither torch.distributed.fsdp.fully_shard (torch >= 2.6) nor torch.distributed._composable.fsdp (2.4, 2.5)
+    monkeypatch.setitem(sys.modules, "torch.distributed.fsdp", None)
+    monkeypatch.setitem(sys.modules, "torch.distributed._composable.fsdp", None)
+    with pytest.raises(ImportError, match=r"FSDP2 \(fully_shard\) needs torch>=2.4 .*pip install 'torch>=2.4'"):
+        internals.fully_shard_api()
+
+
+def test_register_load_state_dict_pre_hook_runs_before_the_module_loads():
+    # nn.Module.register_load_state_dict_pre_hook (torch >= 2.5), else ._register_load_state_dict_pre_hook
+    seen = []
+    layer = torch.nn.Linear(2, 2)
+    internals.register_load_state_dict_pre_hook(layer, lambda module, state_dict, prefix, *rest: seen.append(
+        (module is layer, prefix, float(module.weight.sum()))))
+    with torch.no_grad():
+        layer.weight.zero_()
+    layer.load_state_dict({"weight": torch.ones(2, 2), "bias": torch.ones(2)})
+    assert seen == [(True, "", 0.0)] and float(layer.weight.sum()) == 4.0
+
+
+def test_register_state_dict_post_hook_changes_the_entries_in_place():
+    # nn.Module.register_state_dict_post_hook (torch >= 2.5), else ._register_state_dict_hook
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+
+    def zeros(module, state_dict, prefix, local_metadata):
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            state_dict[key] = torch.zeros_like(state_dict[key])
+
+    internals.register_state_dict_post_hook(model[0], zeros)
+    state = model.state_dict()
+    assert list(state) == ["0.weight", "0.bias"] and all(not v.any() for v in state.values())
+    assert model[0].weight.abs().sum() > 0  # the module's own tensors are untouched
+
+
+@pytest.mark.usefixtures("process_group")
+def test_is_dtensor_tells_shards_from_plain_tensors():
+    # torch.distributed.tensor.DTensor (torch.distributed._tensor before torch 2.5)
+    fully_shard, _ = internals.fully_shard_api()
+    layer = torch.nn.Linear(2, 2)
+    assert not internals.is_dtensor(layer.weight)
+    fully_shard(layer)
+    assert internals.is_dtensor(layer.weight)
 
 
 def test_rebuild_leaves_a_plain_module_alone():

@@ -139,6 +139,41 @@ def test_released_task_is_released_again_on_load():
         toy_model().on_load_checkpoint(other)
 
 
+def test_a_released_head_refuses_to_run_with_a_clear_error():
+    model = toy_model()
+    model.drop_task("parity", release=True)
+    with pytest.raises(RuntimeError, match=r"the head of task 'parity' was released .*release_heads=False"):
+        model(torch.randn(2, 16), tasks=model.tasks)
+    assert set(model(torch.randn(2, 16))) == {"label", "recon"}
+    # A checkpoint from before the drop: the head gets storage again, and runs.
+    before = toy_model().state_dict()
+    model.on_load_checkpoint({"mt2st": {"primary_task": "label", "dropped_tasks": []}, "state_dict": before})
+    assert set(model(torch.randn(2, 16), tasks=model.tasks)) == set(model.tasks)
+
+
+def test_drops_tracked_in_the_state_dict_load_strictly_either_way():
+    # FSDP2 runs carry the drops in `mt2st_drops._extra_state` (MT2STCallback calls track_drops_in_state_dict).
+    tracked = toy_model()
+    tracked.track_drops_in_state_dict()
+    tracked.drop_task("recon")
+    state = tracked.state_dict()
+    assert "mt2st_drops._extra_state" in state
+    assert "mt2st_drops._extra_state" not in tracked.single_task_state_dict()
+    plain = toy_model()
+    plain.load_state_dict(state)  # strict: an unsharded model ignores the entry (the drops travel in "mt2st")
+    assert plain.dropped_tasks == frozenset()
+    again = toy_model()
+    again.track_drops_in_state_dict()
+    again.drop_task("parity")
+    again.load_state_dict(state)  # frozen as the weights load, before the optimizer state would
+    assert again.dropped_tasks == {"recon", "parity"}  # un-frozen only where asked (a fit's restore)
+    assert not any(p.requires_grad for p in again.heads["recon"].parameters())
+    again.track_drops_in_state_dict(unfreeze_on_load=True)
+    again.load_state_dict(state)
+    assert again.dropped_tasks == {"recon"}
+    assert all(p.requires_grad for p in again.heads["parity"].parameters())
+
+
 class Undeclared(MT2STMixin, pl.LightningModule):
     def __init__(self):
         super().__init__()

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from mt2st_lightning import internals
+
 __all__ = [
     "ema",
     "fisher_trace_weights",
@@ -62,6 +64,13 @@ def _measurable(inputs: Sequence[Tensor], what: str) -> list[Tensor]:
     inputs = [x for x in inputs if x.requires_grad]
     if not inputs:
         raise ValueError(f"no {what} that require grad to measure task gradients on")
+    if any(internals.is_dtensor(x) for x in inputs):
+        # FSDP2 registers each parameter's shard; forward runs on the gathered parameters, which it frees again.
+        raise ValueError(
+            f"the {what} are FSDP2 shards, which the forward pass does not use (it runs on gathered copies), so "
+            "task gradients cannot be measured on them: measure on the shared features instead (pass features=h "
+            "to mt2st_loss, and measure_on='representation' or 'auto')"
+        )
     return inputs
 
 

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from mt2st_lightning import heads, internals, names, resume, step_record
+from mt2st_lightning import heads, internals, names, resume, sharding, step_record
 from mt2st_lightning.arguments import build_policy, flat_signature
 from mt2st_lightning.export import save_single_task
 from mt2st_lightning.guards import NonFiniteGuard
@@ -107,7 +107,7 @@ class MT2STCallback(Callback):
         if stage != "fit":
             return
         mt2st_module(pl_module)
-        heads.check_can_drop(trainer.strategy)
+        heads.check_can_drop(trainer.strategy, self.release_heads)
         self.total, self.drop_times, self.released, self._layout = None, {}, set(), []
         self._restored = self._unmatched_layout = None
         self.guard.reset()
@@ -119,6 +119,9 @@ class MT2STCallback(Callback):
                 f"{len(trainer.optimizers)} optimizers, each of which advances trainer.global_step. Put all "
                 "parameters in one optimizer (param groups may differ), or use unit='epoch'."
             )
+        sharding.check_head_units(pl_module, trainer.strategy.model)  # type: ignore[arg-type]  # sharded by now
+        if internals.fsdp2_units(pl_module):  # sharded with FSDP2: before its distributed restore
+            pl_module.track_drops_in_state_dict(unfreeze_on_load=True)  # type: ignore[attr-defined]
         self._match_optimizers(trainer, pl_module)  # a checkpoint restored before setup
         self.guard.read_every(trainer.log_every_n_steps, trainer.accumulate_grad_batches)
 
@@ -145,6 +148,7 @@ class MT2STCallback(Callback):
         # The first hook after every restore (modules, callbacks, optimizers, the step counter), whatever the
         # strategy's order: the plan, the policy's state and the drops are applied here.
         module: MT2STMixin = pl_module  # type: ignore[assignment]
+        _stop_unfreezing_on_load(module)
         restored = self._restored
         if restored is None:  # every rank must decide at the same step: rank 0's plan wins
             self.total = trainer.strategy.broadcast(self._planned_total(trainer), src=0)
@@ -267,6 +271,10 @@ class MT2STCallback(Callback):
         if self.save_single_task:
             save_single_task(trainer, pl_module, self.save_single_task)  # type: ignore[arg-type]
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            _stop_unfreezing_on_load(pl_module)  # a fit that failed before on_train_start
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "strategy": self.strategy,
@@ -277,6 +285,12 @@ class MT2STCallback(Callback):
             "policy": self.policy.state_dict(),
             "optimizer_layout": self._layout,
         }
+
+
+def _stop_unfreezing_on_load(module: Any) -> None:
+    # A restore outside a fit's start (e.g. trainer.test(ckpt_path=...) after it) leaves dropped heads frozen.
+    if hasattr(module, "mt2st_drops"):  # tracked on fit start (FSDP2)
+        module.track_drops_in_state_dict(unfreeze_on_load=False)
 
 
 # LightningCLI (jsonargparse) reads this signature: every registered strategy's parameters, typed, in place of

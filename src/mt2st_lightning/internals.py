@@ -11,10 +11,24 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.strategies import Strategy
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["ddp_comm_hook", "is_logging_step", "logging_step", "relaunches_script", "remove_ddp_autograd_hooks"]
+__all__ = [
+    "ddp_comm_hook",
+    "fsdp2_units",
+    "fully_shard_api",
+    "is_dtensor",
+    "is_logging_step",
+    "logging_step",
+    "register_load_state_dict_pre_hook",
+    "register_state_dict_post_hook",
+    "relaunches_script",
+    "remove_ddp_autograd_hooks",
+    "saves_distributed_checkpoint",
+]
 
 
 def remove_ddp_autograd_hooks(ddp: DistributedDataParallel) -> None:
@@ -52,3 +66,86 @@ def relaunches_script(strategy: Strategy) -> bool:
     return isinstance(getattr(strategy, "launcher", None), _SubprocessScriptLauncher) and not (
         strategy.cluster_environment is not None and strategy.cluster_environment.creates_processes_externally
     )
+
+
+# ---------------------------------------------------------------------------------------- FSDP2 (fully_shard)
+def fully_shard_api() -> tuple[Any, type]:
+    """``(fully_shard, FSDPModule)``: public in ``torch.distributed.fsdp`` from torch 2.6; PRIVATE (PyTorch) before,
+    in ``torch.distributed._composable.fsdp`` (torch 2.4, 2.5)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+    except ImportError:  # torch < 2.6
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule, fully_shard  # type: ignore[no-redef]
+        except ImportError as error:  # torch < 2.4, or a build without torch.distributed
+            raise ImportError(
+                f"FSDP2 (fully_shard) needs torch>=2.4 built with torch.distributed, as Lightning's "
+                f"ModelParallelStrategy does; this is torch {torch.__version__}: pip install 'torch>=2.4'"
+            ) from error
+    return fully_shard, FSDPModule
+
+
+def _fsdp2_param_groups(module: nn.Module) -> list[Any]:
+    # Each FSDP2 state's parameter groups, once each (a state is shared by the modules of fully_shard([a, b])).
+    try:
+        fully_shard, fsdp_module = fully_shard_api()
+    except ImportError:  # no FSDP2 in this torch: nothing is sharded with it
+        return []
+    groups: dict[int, Any] = {}
+    for sub in module.modules():
+        if isinstance(sub, fsdp_module):
+            state = fully_shard.state(sub)
+            found = getattr(state, "_fsdp_param_groups", None)
+            if found is None:  # older torch: one `_fsdp_param_group` per state
+                found = [g for g in (getattr(state, "_fsdp_param_group", None),) if g is not None]
+            groups.update((id(g), g) for g in found)
+    return list(groups.values())
+
+
+def fsdp2_units(module: nn.Module) -> list[list[nn.Parameter]]:
+    """PRIVATE (PyTorch): ``fully_shard.state(m)._fsdp_param_groups[i].fsdp_params[j].sharded_param``: the
+    parameters of each FSDP2 unit (what one ``fully_shard`` call groups) under ``module``. A unit all-gathers and
+    reduce-scatters its parameters together, so a head can only leave the computation alone if it has units of
+    its own."""
+    return [[fsdp_param.sharded_param for fsdp_param in group.fsdp_params] for group in _fsdp2_param_groups(module)]
+
+
+def is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (an FSDP2 shard): public in ``torch.distributed.tensor`` from torch 2.5;
+    PRIVATE (PyTorch) before, in ``torch.distributed._tensor``."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5, or a build without torch.distributed
+        try:
+            from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
+        except ImportError:
+            return False
+    return isinstance(tensor, DTensor)
+
+
+def saves_distributed_checkpoint(strategy: Strategy) -> bool:
+    """PRIVATE (Lightning): ``ModelParallelStrategy._save_distributed_checkpoint``, its
+    ``save_distributed_checkpoint`` argument: whether its checkpoints are folders of shards (the default) or one
+    file of full tensors, which it loads tensor by tensor, without the module's extra state."""
+    return bool(getattr(strategy, "_save_distributed_checkpoint", True))
+
+
+def register_load_state_dict_pre_hook(module: nn.Module, hook: Any) -> Any:
+    """``module.register_load_state_dict_pre_hook(hook)``, public from torch 2.5; PRIVATE (PyTorch) before:
+    ``module._register_load_state_dict_pre_hook(hook, with_module=True)``. ``hook(module, state_dict, prefix,
+    local_metadata, strict, missing_keys, unexpected_keys, error_msgs)`` runs before ``module`` loads its own
+    tensors and its submodules theirs."""
+    public = getattr(module, "register_load_state_dict_pre_hook", None)
+    if public is not None:
+        return public(hook)
+    return module._register_load_state_dict_pre_hook(hook, with_module=True)
+
+
+def register_state_dict_post_hook(module: nn.Module, hook: Any) -> Any:
+    """``module.register_state_dict_post_hook(hook)``, public from torch 2.5; PRIVATE (PyTorch) before:
+    ``module._register_state_dict_hook(hook)``. ``hook(module, state_dict, prefix, local_metadata)`` runs once
+    ``module`` and its submodules have written their entries, and may change them in place."""
+    public = getattr(module, "register_state_dict_post_hook", None)
+    if public is not None:
+        return public(hook)
+    return module._register_state_dict_hook(hook)

@@ -9,17 +9,21 @@ decisions: ``MT2STCallback`` writes ``task_weights`` and drops finished heads, t
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from mt2st_lightning import internals
 from mt2st_lightning.step_record import StepRecord
 
 __all__ = ["MT2STMixin"]
 
 _CHECKPOINT_KEY = "mt2st"
+_DROP_STATE_PREFIX = "mt2st_drops."  # the state-dict keys of MT2STMixin.track_drops_in_state_dict
 
 
 class MT2STMixin:
@@ -66,6 +70,11 @@ class MT2STMixin:
         self.__dict__["_mt2st_weights"] = {task: 1.0 for task in heads}
         self.__dict__["_mt2st_record"] = None
         self.__dict__["_mt2st_grad_flags"] = {}  # task -> each head parameter's requires_grad before its drop
+        self.__dict__["_mt2st_guarded"] = set()  # heads that refuse to run while released (_refuse_released_head)
+        if "_mt2st_load_hook" not in self.__dict__:  # declare_tasks may run twice; one hook is enough
+            self.__dict__["_mt2st_load_hook"] = internals.register_load_state_dict_pre_hook(
+                self, _ignore_untracked_drop_state
+            )
         # Read several times a step: kept as tuples, recomputed only when a head is dropped.
         self.__dict__["_mt2st_tasks"] = (primary, *(t for t in heads if t != primary))
         self._refresh_active_tasks()
@@ -137,9 +146,16 @@ class MT2STMixin:
         self.__dict__["_mt2st_record"] = None
         return record
 
-    def head_parameters(self, task: str) -> Iterator[nn.Parameter]:
+    def task_head(self, task: str) -> nn.Module:
+        """The head module declared for ``task`` (e.g. to shard it as a unit of its own)."""
         self._require_declared()
-        return self.__dict__["_mt2st_heads"][task].parameters()
+        heads = self.__dict__["_mt2st_heads"]
+        if task not in heads:
+            raise KeyError(f"unknown task {task!r}; declared tasks are {list(self.tasks)}")
+        return heads[task]
+
+    def head_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        return self.task_head(task).parameters()
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters outside every head: the shared encoder. The adaptive strategies measure gradients here."""
@@ -212,7 +228,10 @@ class MT2STMixin:
 
         With ``release``, the head's weights and buffers are freed too (replaced by empty tensors), so that
         the module holds what a single-task model holds; checkpoints then store the head as empty tensors,
-        and ``on_load_checkpoint`` releases it again before the weights are loaded.
+        and ``on_load_checkpoint`` releases it again before the weights are loaded. Under FSDP2 each rank shrinks
+        the storage of its shards to one element instead (their shapes stay; the buffers stay), checkpoints hold
+        zeros in their place, and loading a checkpoint gives the shards storage again first. A released head
+        refuses to run (a clear error, before FSDP2 would all-gather it) until a checkpoint gives it weights again.
 
         Returns the head's parameters so that the caller can free their optimizer state. Called by
         ``MT2STCallback``; the module itself never decides to drop.
@@ -222,7 +241,9 @@ class MT2STMixin:
             raise ValueError(f"cannot drop the primary task {task!r}")
         if task not in self.__dict__["_mt2st_heads"]:
             raise KeyError(f"unknown auxiliary task {task!r}; auxiliary tasks are {list(self.auxiliary_tasks)}")
-        params = list(self.head_parameters(task))
+        head = self.__dict__["_mt2st_heads"][task]
+        _register_shards(head)
+        params = list(head.parameters())
         if task not in self.__dict__["_mt2st_dropped"]:  # the user's own flags, restored if the head comes back
             self.__dict__["_mt2st_grad_flags"][task] = [p.requires_grad for p in params]
         for p in params:
@@ -232,48 +253,98 @@ class MT2STMixin:
         self._refresh_active_tasks()
         self.__dict__["_mt2st_weights"][task] = 0.0
         if release:
-            head = self.__dict__["_mt2st_heads"][task]
-            for tensor in (*params, *head.buffers()):
-                # `.data` swaps the storage and keeps the Parameter object, which optimizers still reference.
-                tensor.data = tensor.data.new_empty(0)
+            if any(internals.is_dtensor(p) for p in params):
+                self._free_shards(task, head, params)
+            else:
+                for tensor in (*params, *head.buffers()):
+                    # `.data` swaps the storage and keeps the Parameter object, which optimizers still reference.
+                    tensor.data = tensor.data.new_empty(0)
             self.__dict__["_mt2st_released"].add(task)
+            if task not in self.__dict__["_mt2st_guarded"]:
+                self.__dict__["_mt2st_guarded"].add(task)
+                # Prepended: it must run before FSDP2's own pre-forward hook, which would all-gather the freed
+                # shards (one element each: garbage, or a crash) before any check in the head's forward.
+                head.register_forward_pre_hook(functools.partial(_refuse_released_head, self, task), prepend=True)
         return params
 
+    def _free_shards(self, task: str, head: nn.Module, params: list[nn.Parameter]) -> None:
+        """Release an FSDP2 head: shrink the storage of each of this rank's shards to one element. FSDP2 keeps its
+        own reference to a shard's (padded) storage, which the Parameter views: shrinking the storage frees both,
+        and keeps the shapes that FSDP2 and checkpoints read. One element, not none: FSDP2 re-pads a shard from its
+        data (at the first forward, on ``module.to(...)``) unless its storage is the one it holds, which it tells by
+        a non-null data pointer. The head's buffers (replicated, not sharded, and small) stay."""
+        freed = self.__dict__.setdefault("_mt2st_freed_shards", {}).setdefault(task, [])
+        for p in params:
+            storage = p.to_local().untyped_storage()
+            if storage.nbytes() > p.element_size():
+                freed.append((p, storage.nbytes()))
+                storage.resize_(p.element_size())
+        hooked = self.__dict__.setdefault("_mt2st_shard_hooks", set())
+        if task not in hooked:  # once per head, for the module's lifetime: both hooks check what is freed
+            hooked.add(task)
+            internals.register_state_dict_post_hook(head, _zeros_for_freed_shards)
+            internals.register_load_state_dict_pre_hook(head, functools.partial(_reallocate_before_load, self, task))
+
     def single_task_state_dict(self) -> dict[str, Tensor]:
-        """The module's state without the dropped heads: what a deployed single-task model needs."""
+        """The module's state without the dropped heads: what a deployed single-task model needs. Under FSDP2 its
+        tensors are this rank's shards (``save_single_task`` gathers them)."""
         self._require_declared()
-        drop = {id(p) for t in self.__dict__["_mt2st_dropped"] for p in self.head_parameters(t)}
-        drop |= {id(b) for t in self.__dict__["_mt2st_dropped"] for b in self.__dict__["_mt2st_heads"][t].buffers()}
+        heads = [self.__dict__["_mt2st_heads"][t] for t in self.__dict__["_mt2st_dropped"]]
+        drop = {id(t) for head in heads for t in (*head.parameters(), *head.buffers())}
+        # By name: a released FSDP2 head's entries are placeholders (_zeros_for_freed_shards), not its tensors.
+        named = (*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False))  # type: ignore[attr-defined]
+        dropped = {name for name, t in named if id(t) in drop}
         state = self.state_dict(keep_vars=True)  # type: ignore[attr-defined]
-        return {k: v.detach() for k, v in state.items() if id(v) not in drop}
+        return {k: v.detach() for k, v in state.items() if k not in dropped and not k.startswith(_DROP_STATE_PREFIX)}
 
     # ---------------------------------------------------------------- checkpoints (LightningModule hooks)
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[_CHECKPOINT_KEY] = {
+    def _drop_state(self) -> dict[str, Any]:
+        return {
             "primary_task": self.primary_task,
             "dropped_tasks": sorted(self.dropped_tasks),
             "released_tasks": sorted(self.__dict__["_mt2st_released"]),
         }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[_CHECKPOINT_KEY] = self._drop_state()
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get(_CHECKPOINT_KEY)
         if state is not None:
-            self._require_declared()
-            if state["primary_task"] != self.primary_task:
-                raise ValueError(
-                    f"checkpoint was trained with primary task {state['primary_task']!r}, "
-                    f"this module declares {self.primary_task!r}"
-                )
-            # Make the module's heads what they were when the checkpoint was saved, before its weights load.
-            dropped, released = set(state["dropped_tasks"]), set(state.get("released_tasks", ()))
-            for task in sorted(self.dropped_tasks - dropped):  # e.g. testing a "best" checkpoint from before the switch
-                self._undrop_task(task)
-            for task in sorted(self.__dict__["_mt2st_released"] - released):
-                self._reallocate_head(task, checkpoint.get("state_dict", {}))
-            for task in sorted(dropped):
-                self.drop_task(task, release=task in released)  # a released head is stored as empty tensors
+            self._apply_drop_state(state, checkpoint.get("state_dict", {}))
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+
+    def _apply_drop_state(self, state: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> None:
+        # Make the module's heads what they were when the checkpoint was saved, before its weights load.
+        self._require_declared()
+        if state["primary_task"] != self.primary_task:
+            raise ValueError(
+                f"checkpoint was trained with primary task {state['primary_task']!r}, "
+                f"this module declares {self.primary_task!r}"
+            )
+        dropped, released = set(state["dropped_tasks"]), set(state.get("released_tasks", ()))
+        for task in sorted(self.dropped_tasks - dropped):  # e.g. testing a "best" checkpoint from before the switch
+            self._undrop_task(task)
+        for task in sorted(self.__dict__["_mt2st_released"] - released):
+            self._reallocate_head(task, state_dict)
+        for task in sorted(dropped):
+            self.drop_task(task, release=task in released)  # a released head is stored as empty tensors
+
+    def track_drops_in_state_dict(self, unfreeze_on_load: bool = False) -> None:
+        """Carry the drops inside the module's state dict too (``mt2st_drops._extra_state``), for strategies that
+        load the weights and the optimizer state from a distributed checkpoint before any hook runs (FSDP2 under
+        ``ModelParallelStrategy``). Loading the state dict then freezes the heads the state has dropped first, so
+        that optimizer state is asked for the parameters that still train only, as the checkpoint holds it.
+
+        ``unfreeze_on_load``: also un-freeze the heads that the loaded state has training (a fit's restore, whose
+        optimizers are new: the module that dropped them resumes a checkpoint from before its drop, and their
+        optimizer state loads too). Off elsewhere: ``trainer.test(model, ckpt_path=...)`` after a fit loads into
+        the fit's optimizers, which hold no state for the dropped heads. ``MT2STCallback`` turns it on on fit
+        start, before the restore, and off on train start, after it. Idempotent."""
+        if not isinstance(getattr(self, "mt2st_drops", None), _DropState):
+            self.mt2st_drops = _DropState(self)
+        self.mt2st_drops.unfreeze_on_load = unfreeze_on_load
 
     def _undrop_task(self, task: str) -> None:
         # Back as the user left it: each head parameter's requires_grad as it was before the drop.
@@ -286,14 +357,107 @@ class MT2STMixin:
 
     def _reallocate_head(self, task: str, state_dict: Mapping[str, Tensor]) -> None:
         """Give a released head storage again, shaped as in ``state_dict``, which then fills it."""
-        names = {id(v): k for k, v in self.state_dict(keep_vars=True).items()}  # type: ignore[attr-defined]
         head = self.__dict__["_mt2st_heads"][task]
+        freed = self.__dict__.get("_mt2st_freed_shards", {}).pop(task, None)
+        if freed is not None:  # FSDP2: each shard's storage back at its size (padding included); the load fills it
+            for p, nbytes in freed:
+                p.to_local().untyped_storage().resize_(nbytes)
+            self.__dict__["_mt2st_released"].discard(task)
+            return
+        names = {id(v): k for k, v in self.state_dict(keep_vars=True).items()}  # type: ignore[attr-defined]
         for tensor in (*head.parameters(), *head.buffers()):
             saved = state_dict.get(names.get(id(tensor), ""))
             if saved is None:
                 raise KeyError(f"the checkpoint holds no weights for the released head of task {task!r}")
             tensor.data = torch.empty(saved.shape, dtype=tensor.dtype, device=tensor.device)
         self.__dict__["_mt2st_released"].discard(task)
+
+
+class _DropState(nn.Module):
+    """The owner's drops as the extra state of a parameterless submodule (see
+    :meth:`MT2STMixin.track_drops_in_state_dict`); a JSON string, which distributed checkpoints store whole."""
+
+    def __init__(self, owner: MT2STMixin) -> None:
+        super().__init__()
+        self.__dict__["owner"] = owner  # not registered: the owner is this module's parent
+        self.unfreeze_on_load = False
+
+    def get_extra_state(self) -> str:
+        return json.dumps(self.owner._drop_state())
+
+    def set_extra_state(self, state: str) -> None:
+        # Called while the state dict loads (after the heads' weights: this module is registered last), before the
+        # optimizer state does: the heads train as they did when the state was saved, so that optimizer state is
+        # asked for exactly the parameters it holds state for. The heads are only frozen or un-frozen here: the
+        # module's on_load_checkpoint, which comes after, releases them as the checkpoint has them, as on every
+        # strategy.
+        dropped = set(json.loads(state)["dropped_tasks"])
+        if self.unfreeze_on_load:
+            for task in sorted(self.owner.dropped_tasks - dropped):
+                self.owner._undrop_task(task)
+        for task in sorted(dropped - self.owner.dropped_tasks):
+            self.owner.drop_task(task)
+
+
+def _register_shards(head: nn.Module) -> None:
+    """Have FSDP2 register the shards of ``head``'s units again (``FSDPModule.reshard``), so that a drop freezes,
+    frees and releases the parameters the optimizer and the checkpoints hold. A unit called without a backward
+    after it (a no-grad forward: a validation_step that runs every head, a user's call) keeps its gathered, full
+    parameters registered, since FSDP2 does not reshard a root after forward. Nothing to do without FSDP2."""
+    try:
+        _, fsdp_module = internals.fully_shard_api()
+    except ImportError:  # no FSDP2 in this torch: nothing is sharded with it
+        return
+    for sub in head.modules():
+        if isinstance(sub, fsdp_module):
+            sub.reshard()
+
+
+def _ignore_untracked_drop_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """A load-state-dict pre-hook of every MT2ST module: the state dict of a module that tracked its drops
+    (``track_drops_in_state_dict``, under FSDP2) loads, ``strict=True`` too, into one that does not (e.g. the
+    unsharded model), which then ignores that entry: the checkpoint's ``"mt2st"`` entry carries the same drops."""
+    if not isinstance(getattr(module, "mt2st_drops", None), _DropState):
+        state_dict.pop(prefix + _DROP_STATE_PREFIX + "_extra_state", None)
+
+
+def _refuse_released_head(owner: MT2STMixin, task: str, head: nn.Module, args: Any) -> None:
+    """A forward pre-hook of a head that was released once: a clear error instead of a computation on freed
+    weights (a shape error unsharded; under FSDP2, an all-gather of one-element shards)."""
+    if task in owner.released_tasks:
+        raise RuntimeError(
+            f"the head of task {task!r} was released when it was dropped (MT2STCallback(release_heads=True)): its "
+            "weights are freed, so it cannot run. Call only the heads of `self.active_tasks` (in validation_step, "
+            "test_step and predict_step too), load a checkpoint from before the drop, or train with "
+            "release_heads=False to keep the dropped heads' weights"
+        )
+
+
+def _is_freed_shard(tensor: Any) -> bool:
+    """An FSDP2 shard whose storage is too small for it (``MT2STMixin._free_shards``)."""
+    if not internals.is_dtensor(tensor):
+        return False
+    local = tensor.to_local()
+    needed = (local.storage_offset() + local.numel()) * local.element_size()
+    return local.numel() > 0 and local.untyped_storage().nbytes() < needed
+
+
+def _zeros_for_freed_shards(head: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """A state-dict post-hook of an FSDP2 head that may be released: zeros of each freed shard's shape stand in for
+    its weights (held only while the state dict is), so that a distributed checkpoint keeps the module's layout and
+    loads into a fresh module, which releases the head again when its drops load (``on_load_checkpoint``)."""
+    for key, value in state_dict.items():
+        if key.startswith(prefix) and _is_freed_shard(value):
+            state_dict[key] = torch.zeros_like(value)
+
+
+def _reallocate_before_load(owner: MT2STMixin, task: str, head: nn.Module, *args: Any) -> None:
+    """A load-state-dict pre-hook of an FSDP2 head that may be released: under ``ModelParallelStrategy`` a
+    checkpoint's weights load before any hook runs (e.g. testing a checkpoint with the module that released the
+    head), so the freed shards get storage again first; ``on_load_checkpoint`` then releases the head again if the
+    checkpoint has it released."""
+    if task in owner.released_tasks:
+        owner._reallocate_head(task, {})
 
 
 def _check_untied(module: nn.Module, aux_heads: Mapping[str, nn.Module]) -> None:

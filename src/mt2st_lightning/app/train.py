@@ -75,8 +75,8 @@ def check_primary_task(cfg: DictConfig, tasks: dict[str, Any]) -> None:
 
 
 def check_launch(trainer: L.Trainer) -> None:
-    """Refuse DDP's script launcher inside a ``--multirun``: it re-runs the command line once per extra
-    device, so every copy would run the whole sweep."""
+    """Refuse DDP's (and FSDP2's) script launcher inside a ``--multirun``: it re-runs the command line once per
+    extra device, so every copy would run the whole sweep."""
     strategy = trainer.strategy
     # The launcher of strategy="ddp" (not of "ddp_spawn"), unless a cluster (SLURM) starts the processes.
     if relaunches_script(strategy) and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -85,6 +85,26 @@ def check_launch(trainer: L.Trainer) -> None:
             "command line, which a --multirun cannot do (each copy would run the whole sweep). Launch DDP "
             "runs one at a time without --multirun, or sweep with a launcher that starts the processes "
             "itself (hydra/launcher=slurm)."
+        )
+
+
+def check_fsdp2_mesh(trainer_cfg: DictConfig) -> None:
+    """Refuse, before any process starts, an FSDP2 mesh (``ModelParallelStrategy``) other than the one MT2ST runs
+    under: pure data parallelism, one shard per process (as ``trainer=fsdp2`` and ``fsdp2_cpu`` set it)."""
+    strategy = trainer_cfg.get("strategy")
+    if not isinstance(strategy, DictConfig) or not str(strategy.get("_target_", "")).endswith(".ModelParallelStrategy"):
+        return
+    devices, nodes = trainer_cfg.get("devices"), trainer_cfg.get("num_nodes", 1)
+    if not (isinstance(devices, int) and devices > 0 and isinstance(nodes, int)):
+        return  # "auto", -1 or a list of devices: Lightning counts them, and checks the mesh when it builds it
+    world_size = devices * nodes
+    sizes = strategy.get("data_parallel_size", "auto"), strategy.get("tensor_parallel_size", "auto")
+    if tuple(sizes) != (world_size, 1):
+        raise ValueError(
+            f"trainer.strategy is ModelParallelStrategy with data_parallel_size={sizes[0]}, tensor_parallel_size="
+            f"{sizes[1]} on {devices} device(s) x {nodes} node(s); MT2ST shards with FSDP2 over every process, "
+            f"without tensor parallelism: set trainer.strategy.data_parallel_size={world_size} (trainer.devices x "
+            "trainer.num_nodes) and trainer.strategy.tensor_parallel_size=1"
         )
 
 
@@ -132,6 +152,7 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 
 
 def _train(cfg: DictConfig) -> dict[str, Any]:
+    check_fsdp2_mesh(cfg.trainer)
     L.seed_everything(cfg.seed, workers=True)
     resume = _resume_target(cfg)
     if resume is not None:
@@ -167,7 +188,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     except BaseException as error:
         last = _find(trainer.callbacks, ModelCheckpoint, lambda c: c.monitor is None)
         path = Path(last.dirpath) / "last.ckpt" if last is not None and last.dirpath else None
-        hint = f"resume it with ckpt_path={path} and the same overrides" if path and path.is_file() else "no checkpoint to resume from"
+        hint = f"resume it with ckpt_path={path} and the same overrides" if path and is_checkpoint(path) else "no checkpoint to resume from"
         log.error("The run stopped at step %d with %s: %s", trainer.global_step, type(error).__name__, hint)
         raise
     fit_wall_time_s = time.perf_counter() - start
@@ -188,15 +209,27 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- resuming
+# A distributed checkpoint (ModelParallelStrategy, trainer=fsdp2) is a folder: one shard file per process, and
+# this file, which Lightning writes beside them with the rest of the checkpoint (step, loops, callback states).
+DISTRIBUTED_CHECKPOINT_META = "meta.pt"
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint: a file, or the folder of a distributed checkpoint."""
+    return path.is_file() or (path / DISTRIBUTED_CHECKPOINT_META).is_file()
+
+
 def _resume_target(cfg: DictConfig) -> Path | None:
-    """The checkpoint to resume from, or ``None``; a missing file fails here, before anything is built."""
+    """The checkpoint to resume from, or ``None``; a missing one fails here, before anything is built."""
     ckpt_path = cfg.get("ckpt_path")
     if not ckpt_path:
         return None
     path = Path(ckpt_path)
-    if not path.is_file():
+    if not is_checkpoint(path):
         raise FileNotFoundError(
-            f"ckpt_path={ckpt_path} does not exist; point it at a run's checkpoints/last.ckpt"
+            f"ckpt_path={ckpt_path} does not exist"
+            + (" as a checkpoint (a folder without meta.pt)" if path.is_dir() else "")
+            + "; point it at a run's checkpoints/last.ckpt"
         )
     return path.resolve()
 
@@ -267,6 +300,8 @@ def _log_to(path: Path) -> None:
 
 
 def _checkpoint_step(checkpoint: Path) -> int:
+    if checkpoint.is_dir():  # a distributed checkpoint: the step is in its metadata file, beside the shards
+        checkpoint = checkpoint / DISTRIBUTED_CHECKPOINT_META
     return int(torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)["global_step"])
 
 
@@ -424,9 +459,11 @@ def _relative(path: Path, base: Path) -> str:
 # ---------------------------------------------------------------------------------------------- CLI
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """The Hydra entry point (``mt2st-train``). Returns the test metric, which an optimising sweeper reads."""
+    """The Hydra entry point (``mt2st-train``). Returns the run's best validation value of the primary metric: what
+    a generic optimising sweeper would tune on (never the test value). The ``mt2st_optuna`` sweeper of
+    ``hparams_search=<preset>`` scores each trial from its run folder instead, by the objective the preset names."""
     log.debug("Config:\n%s", OmegaConf.to_yaml(cfg))
-    return train(cfg)["test_primary_metric"]
+    return train(cfg)["best_val_primary_metric"]
 
 
 if __name__ == "__main__":

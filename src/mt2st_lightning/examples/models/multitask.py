@@ -14,6 +14,7 @@ from torchmetrics import Accuracy, MeanMetric, MeanSquaredError, Metric, SumMetr
 
 from mt2st_lightning.app import run_format
 from mt2st_lightning.mixin import MT2STMixin
+from mt2st_lightning.sharding import fully_shard_tasks
 
 __all__ = ["MultiTaskModel", "TaskSpec"]
 
@@ -126,6 +127,13 @@ class MultiTaskModel(MT2STMixin, pl.LightningModule):
         loss, _ = self._shared_step(batch, "test")
         self.test_loss.update(loss.detach(), weight=batch["x"].shape[0])
         self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (``trainer=fsdp2``, ``fsdp2_cpu``): shard with FSDP2, the encoder as one
+        unit and each head as its own (:func:`~mt2st_lightning.sharding.fully_shard_tasks`); otherwise
+        nothing."""
+        if self.device_mesh is not None:  # set by ModelParallelStrategy only
+            fully_shard_tasks(self, encoder_units=(self.encoder,))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

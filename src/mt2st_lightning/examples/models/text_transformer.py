@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Accuracy, MeanMetric
 
+from mt2st_lightning.sharding import fully_shard_tasks
 from mt2st_lightning.examples.models.text_tasks import TextTaskModel, check_text_inputs, load_embedding
 
 __all__ = ["TextTransformerModel"]
@@ -35,6 +36,19 @@ __all__ = ["TextTransformerModel"]
 SUPPORTED = ("sentiment", "domain", "mlm")
 MASK_ID = 2  # data.text.SPECIALS: <pad>, <unk>, <mask>
 TEST_MASK_SEED = 0  # every run masks the same test positions
+
+
+class LearnedPositions(nn.Module):
+    """A learned vector per position, added to each token's: ``(B, T, d) -> (B, T, d)``, ``T <= max_len``. A module
+    of its own (not a parameter of the model itself), so that under FSDP2 it is gathered when it is called."""
+
+    def __init__(self, max_len: int, d_model: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, max_len, d_model))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.weight[:, : x.shape[1]]
 
 
 class TextTransformerModel(TextTaskModel):
@@ -64,8 +78,7 @@ class TextTransformerModel(TextTaskModel):
         if not 0 < mask_rate < 1:
             raise ValueError(f"mask_rate must be in (0, 1), got {mask_rate}")
         self.embedding = load_embedding(vocab_size, d_model, embedding_init)
-        self.position = nn.Parameter(torch.zeros(1, max_len, d_model))
-        nn.init.normal_(self.position, std=0.02)
+        self.position = LearnedPositions(max_len, d_model)
         layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
@@ -83,8 +96,7 @@ class TextTransformerModel(TextTaskModel):
         self.__dict__["test_mask_generator"] = None  # a plain attribute: not a module, not in the checkpoint
 
     def encode(self, tokens: Tensor) -> Tensor:
-        t = tokens.shape[1]
-        x = self.embedding(tokens) + self.position[:, :t]
+        x = self.position(self.embedding(tokens))
         return self.norm(self.encoder(x, src_key_padding_mask=tokens == 0))
 
     @staticmethod
@@ -135,6 +147,14 @@ class TextTransformerModel(TextTaskModel):
             hidden = encoded[len(tokens) :, : masked.shape[1]][chosen]
             losses["mlm"] = F.cross_entropy(self.heads["mlm"](hidden).float(), sentences[chosen])
         return losses, self.embedding.weight, logits
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (``trainer=fsdp2``, ``fsdp2_cpu``): shard with FSDP2, each encoder layer
+        as a unit and each head as its own, so that a dropped head's shards (the masked-LM head's vocabulary-wide
+        projection above all) can be freed (:func:`~mt2st_lightning.sharding.fully_shard_tasks`);
+        otherwise nothing."""
+        if self.device_mesh is not None:  # set by ModelParallelStrategy only
+            fully_shard_tasks(self, encoder_units=self.encoder.layers)
 
     # ------------------------------------------------------------------ held-out auxiliary metrics
     def on_test_epoch_start(self) -> None:

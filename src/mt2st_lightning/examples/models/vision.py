@@ -22,6 +22,7 @@ from mt2st_lightning.examples.data.augment import Augment
 from mt2st_lightning.examples.data.streams import stream_costs
 from mt2st_lightning.examples.data.targets import edge_map
 from mt2st_lightning.mixin import MT2STMixin
+from mt2st_lightning.sharding import fully_shard_tasks
 from mt2st_lightning.examples.models.contrastive import nt_xent
 
 __all__ = ["VisionMultiTaskModel"]
@@ -160,6 +161,13 @@ class VisionMultiTaskModel(MT2STMixin, pl.LightningModule):
 
     def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (``trainer=fsdp2``, ``fsdp2_cpu``): shard with FSDP2, the encoder as one
+        unit and each head as its own (:func:`~mt2st_lightning.sharding.fully_shard_tasks`); otherwise
+        nothing."""
+        if self.device_mesh is not None:  # set by ModelParallelStrategy only
+            fully_shard_tasks(self, encoder_units=(self.encoder,))
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
