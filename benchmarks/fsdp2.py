@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,26 +125,9 @@ def measure_timing(spec: V.ModelSpec, data: harness.Data, steps: int, session: i
     slots = [(row, kind) for row, kind in PAIRS] + [(f"{row} | baseline", "single-task") for row, _ in PAIRS]
     units = [[k, k + len(PAIRS)] for k in range(len(PAIRS))]
     baton = harness.Baton(units, seed=session)  # the same seed on both ranks: the same order of steps
-    errors: list[BaseException] = []
     with tempfile.TemporaryDirectory() as root:
         fits = [prepare(spec, kind, data, steps, f"{root}/{k}", baton=baton, slot=k) for k, (_, kind) in enumerate(slots)]
-
-        def work(k: int) -> None:
-            try:
-                baton.wait(k)
-                fits[k].trainer.fit(fits[k].module, fits[k].loader)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-                errors.append(e)
-            finally:
-                baton.finish(k)
-
-        threads = [threading.Thread(target=work, args=(k,)) for k in range(len(slots))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    if errors:
-        raise errors[0]
+        harness.fit_in_lockstep(fits, baton, [name for name, _ in slots])
     out = {}
     for (name, _), fit in zip(slots, fits):
         n = len(fit.log.c_next)

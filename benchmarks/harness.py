@@ -524,25 +524,31 @@ def run_lockstep(model: ModelSpec, units: Sequence[Sequence[tuple[str, Variant]]
         index.append(list(range(k, k + len(unit))))
         k += len(unit)
     baton = Baton(index, seed)
-    errors: list[BaseException] = []
     with tempfile.TemporaryDirectory() as root:
         fits = [_prepare(model, v, data, opts, f"{root}/{k}", baton=baton, slot=k) for k, (_, v) in enumerate(slots)]
+        fit_in_lockstep(fits, baton, [key for key, _ in slots])
+    return {key: f.log for (key, _), f in zip(slots, fits)}
 
-        def work(k: int) -> None:
-            try:
-                baton.wait(k)
-                fits[k].trainer.fit(fits[k].module, fits[k].loader)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-                errors.append(e)
-            finally:
-                baton.finish(k)
 
-        gc.collect()
-        threads = [threading.Thread(target=work, args=(k,), name=f"fit-{key}") for k, (key, _) in enumerate(slots)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+def fit_in_lockstep(fits: Sequence[Any], baton: Baton, names: Sequence[str]) -> None:
+    """Run each prepared fit (``.trainer``, ``.module``, ``.loader``, made with ``baton`` and its slot) in a thread
+    of its own, the baton letting one step run at a time; re-raises the first fit's error."""
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            baton.wait(k)
+            fits[k].trainer.fit(fits[k].module, fits[k].loader)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(e)
+        finally:
+            baton.finish(k)
+
+    gc.collect()
+    threads = [threading.Thread(target=work, args=(k,), name=f"fit-{name}") for k, name in enumerate(names)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     if errors:
         raise errors[0]
-    return {key: f.log for (key, _), f in zip(slots, fits)}
