@@ -2,7 +2,7 @@
 
 Two processes over gloo, started by this script as torchrun would (``RANK``, ``WORLD_SIZE``, ``MASTER_PORT``,
 ...), train ``MultiTaskModel`` sharded by its own ``configure_model`` (``fully_shard_tasks``: the encoder and
-each head an FSDP2 unit of its own) under Lightning's ``ModelParallelStrategy(data_parallel_size=2,
+each head an FSDP2 unit of its own, the module the root) under Lightning's ``ModelParallelStrategy(data_parallel_size=2,
 tensor_parallel_size=1)``, on the real 8x8 digits of ``benchmarks/run.py`` (``variants.MODELS``).
 
 1. **Memory, per rank**: the bytes of parameters, gradients, optimizer state and buffers each rank holds
@@ -226,7 +226,7 @@ def report(per_rank: list[dict], a: argparse.Namespace, env: dict[str, str], loa
         f"- torch {env['torch']}, lightning {env['lightning']}, Python {env['python']}; commit {env['commit']}",
         f"- command: `python benchmarks/fsdp2.py{' --quick' if a.quick else ''}` ({wall:.0f} s)",
         f"- 2 processes over gloo, `ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`, "
-        f"`MultiTaskModel.configure_model` -> `fully_shard_tasks` (the encoder, each head an FSDP2 unit); each "
+        f"`MultiTaskModel.configure_model` -> `fully_shard_tasks` (the encoder, each head an FSDP2 unit, the module the root); each "
         f"rank trains on every other batch; {env['threads']} in each process",
         "- GPU: not measured; this script runs the 2-process CPU (gloo) case only, and no machine with 2 GPUs was "
         "available",

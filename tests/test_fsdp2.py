@@ -57,14 +57,14 @@ def test_switch_freezes_the_aux_heads_on_both_ranks_and_stops_their_collectives(
                 assert not any(moved), f"{name} changed after the drop"
             elif shard.numel():
                 assert all(moved), f"{name} stopped training at the drop"
-        # FSDP2 ran one all-gather and one reduce-scatter per unit that took part: after the drop, the two
-        # head units' are gone, and nothing else changed.
+        # Per step, each unit that took part (the two encoder Linears, each active head; the root holds no
+        # parameter) ran two all-gathers (for its forward, then again for its backward: it reshards after forward)
+        # and one reduce-scatter. After the drop the two head units' are gone, and nothing else changed: no
+        # prefetch, lazy init or root post-backward gathers or reduce-scatters a dropped head.
         counts = run["collectives"]
         before = {tuple(counts[s].values()) for s in range(SWITCH_AT)}
         after = {tuple(counts[s].values()) for s in range(SWITCH_AT, 12)}
-        assert len(before) == len(after) == 1
-        (gathers, scatters), (gathers_after, scatters_after) = before.pop(), after.pop()
-        assert (gathers - gathers_after, scatters - scatters_after) == (2, 2)
+        assert before == {(2 * 5, 5)} and after == {(2 * 3, 3)}, (before, after)
         # Their gradients and optimizer state are freed on every rank; their weights are kept.
         for task in ("recon", "parity"):
             held_before, held_after = run["bytes"][(SWITCH_AT - 1, task)], run["bytes"][(11, task)]
@@ -155,7 +155,7 @@ def test_a_plateau_that_one_ranks_data_would_trigger_drops_on_both_ranks_at_once
     seen = [state["plateau"] for state in ranks]
     assert seen[0]["drop_times"] == seen[1]["drop_times"] != {}
     assert seen[0]["active"] == seen[1]["active"] == ("label",)
-    # Its validation left the heads gathered: the drop froze and freed the shards, which the optimizer holds.
+    # The drop froze and freed the shards, which the optimizer holds.
     assert all(run["dropped_are_frozen_shards"] and run["dropped_optimizer_state"] == 0 for run in seen)
 
 
@@ -183,22 +183,72 @@ def test_fully_shard_tasks_gives_each_head_a_unit_of_its_own(process_group):
     check_head_units(model)
 
 
-def test_fully_shard_tasks_shards_what_is_left_of_each_top_level_part(process_group):
+def test_fully_shard_tasks_makes_the_module_the_one_root_which_holds_what_is_left(process_group):
     model = toy_model()
-    fully_shard_tasks(model)  # no encoder units: the encoder is one unit, each head one
-    assert len(internals.fsdp2_units(model)) == 4
+    model.scale = nn.Parameter(torch.ones(1))  # registered on the module itself: the root holds it
+    fully_shard_tasks(model)  # no encoder units: the root holds the encoder, each head is a unit of its own
+    names = {id(p): n for n, p in model.named_parameters()}
+    units = sorted(sorted({names[id(p)].split(".")[0] for p in unit}) for unit in internals.fsdp2_units(model))
+    assert units == [["encoder", "scale"], ["heads"], ["heads"], ["heads"]]
+    assert isinstance(model, internals.fully_shard_api()[1])
+    # Lightning calls the step methods, not forward: each is a forward of the root for FSDP2, wrapped once.
+    for name in ("training_step", "validation_step", "test_step", "predict_step"):
+        assert getattr(model, name).__wrapped__.__func__ is getattr(type(model), name), name
     fully_shard_tasks(model)  # idempotent, as Lightning asks of configure_model (called again before testing)
     assert len(internals.fsdp2_units(model)) == 4
-    assert not isinstance(model, internals.fully_shard_api()[1])  # training_step never calls the module itself
+    assert model.training_step.__wrapped__.__func__ is type(model).training_step  # not wrapped twice
 
 
-def test_fully_shard_tasks_refuses_what_it_cannot_shard(process_group):
-    model = toy_model()
-    model.scale = nn.Parameter(torch.ones(1))
-    with pytest.raises(ValueError, match=r"\['scale'\] are registered on MultiTaskModel itself"):
-        fully_shard_tasks(model)
+def test_fully_shard_tasks_refuses_a_unit_outside_the_module(process_group):
     with pytest.raises(ValueError, match="is not a submodule"):
         fully_shard_tasks(toy_model(), encoder_units=[nn.Linear(2, 2)])
+
+
+class ReshardProbe(MultiTaskModel):
+    """Records, in each training_step, whether the encoder units' and the heads' parameters are full tensors
+    while a head runs, and whether they are shards (DTensors) again once the step's forward is done."""
+
+    def configure_model(self):
+        fully_shard_tasks(self, encoder_units=[m for m in self.encoder.net if isinstance(m, nn.Linear)])
+        self.seen = []
+        # Prepended: before FSDP2's post-forward hook reshards the head.
+        self.heads["label"].register_forward_hook(lambda *_: self.seen.append(("in head", self._sharded())),
+                                                  prepend=True)
+
+    def _sharded(self) -> dict[str, bool]:
+        encoder = [m for m in self.encoder.net if isinstance(m, nn.Linear)]
+        units = {"encoder": encoder, "heads": list(self.heads.values())}
+        return {part: [all(internals.is_dtensor(p) for p in unit.parameters()) for unit in modules]
+                for part, modules in units.items()}
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.seen.append(("after forward", self._sharded()))  # before backward: only the root may be gathered
+        return loss
+
+
+@pytest.mark.usefixtures("restored_environ")
+def test_each_unit_but_the_root_is_sharded_again_from_its_forward_to_its_backward(tmp_path):
+    # The point of the single root: FSDP2 does not reshard a root after forward, so were each encoder unit and
+    # head a root of its own, the whole model would stay unsharded from forward to backward.
+    pl.seed_everything(0)
+    model = ReshardProbe(MLPEncoder(in_features=16, hidden=32, depth=2), TASKS, primary="label", head_hidden=8)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    try:
+        trainer.fit(model, toy_loader())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert [when for when, _ in model.seen] == ["in head", "after forward"] * 2
+    for when, sharded in model.seen:
+        if when == "in head":  # the encoder units ran and are sharded again; the label head is gathered
+            assert sharded["encoder"] == [True, True] and sharded["heads"][0] is False, sharded
+        else:
+            assert sharded == {"encoder": [True, True], "heads": [True, True, True]}, sharded
 
 
 def test_measuring_on_sharded_parameters_says_to_measure_on_the_features(process_group):
@@ -213,13 +263,53 @@ def test_measuring_on_sharded_parameters_says_to_measure_on_the_features(process
     assert adaptive.squared_grad_norms([loss], [h]).shape == (1,)  # the representation mode works
 
 
+class RootFeatures(MultiTaskModel):
+    """Measures on a parameter the root holds (as the text transformer measures on its embedding table): each
+    task's gradient reaches it through the encoder units and through `mix`, whose backward reads its weight,
+    which the root holds too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale = nn.Parameter(torch.ones(4))  # along the inputs' last dimension
+        self.mix = nn.Linear(4, 4)
+
+    def configure_model(self):
+        fully_shard_tasks(self, encoder_units=[m for m in self.encoder.net if isinstance(m, nn.Linear)])
+
+    def training_step(self, batch, batch_idx):
+        h = self.encoder(self.mix(batch["x"] * self.scale))
+        losses = {t: self.task_loss(t, self.heads[t](h), batch[t]) for t in self.active_tasks}
+        return self.mt2st_loss(losses, features=self.scale)
+
+
+@pytest.mark.usefixtures("restored_environ")
+def test_measuring_each_tasks_gradient_on_a_root_parameter(tmp_path):
+    # One backward per task before the step's own: FSDP2 reshards the root after each unless it is kept gathered.
+    pl.seed_everything(0)
+    model = RootFeatures(MLPEncoder(in_features=16, hidden=32, depth=2), TASKS, primary="label", head_hidden=8)
+    callback = MT2STCallback("gradnorm", switch_at=3, adapt_every=1)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+        callbacks=[callback], max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    try:
+        trainer.fit(model, toy_loader())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert callback.drop_times == {"recon": 3, "parity": 3}
+    assert internals.is_dtensor(model.scale) and model.scale.grad is not None  # trained, resharded
+    assert internals.fsdp2_reshards_after_backward(model)  # as it was before the measurements
+
+
 def test_a_head_left_gathered_by_a_no_grad_forward_is_dropped_as_shards(process_group):
     model = toy_model(head_hidden=8)
-    fully_shard_tasks(model)
+    fully_shard_tasks(model, reshard_after_forward=False)  # every unit stays gathered after its forward
     with torch.no_grad():
         model(torch.randn(4, 16))  # e.g. a validation_step that runs every head: no backward reshards them
     head = model.heads["recon"]
-    assert not any(internals.is_dtensor(p) for p in head.parameters())  # FSDP2 keeps a root gathered
+    assert not any(internals.is_dtensor(p) for p in head.parameters())
     model.drop_task("recon", release=True)
     params = list(head.parameters())
     assert all(internals.is_dtensor(p) and not p.requires_grad for p in params)  # the shards the optimizer holds

@@ -119,6 +119,47 @@ def test_fsdp2_units_lists_each_fully_shard_calls_parameters():
     assert all(id(p) in registered for unit in units for p in unit)  # the sharded parameters the module holds
 
 
+@pytest.mark.usefixtures("process_group")
+def test_register_fsdp_forward_method_gathers_the_root_around_the_method():
+    # torch.distributed.fsdp.register_fsdp_forward_method (torch.distributed._composable.fsdp before torch 2.6)
+    fully_shard, _ = internals.fully_shard_api()
+
+    class Root(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(4))
+
+        def step(self):
+            return internals.is_dtensor(self.weight)
+
+    plain, root = Root(), fully_shard(Root())
+    internals.register_fsdp_forward_method(plain, "step")  # not an FSDP2 unit: nothing changes
+    assert plain.step() is False and "step" not in vars(plain)
+    assert root.step() is True  # outside a forward: the shard
+    internals.register_fsdp_forward_method(root, "step")
+    assert root.step() is False  # gathered around the method, as around forward
+
+
+@pytest.mark.usefixtures("process_group")
+def test_fsdp2_reshards_after_backward_reads_what_fsdp_module_sets():
+    # fully_shard.state(unit)._fsdp_param_groups[i].reshard_after_backward, set by set_reshard_after_backward
+    fully_shard, _ = internals.fully_shard_api()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    fully_shard(model[0])
+    fully_shard(model)
+    assert internals.fsdp2_reshards_after_backward(model) is True  # FSDP2's default
+    model.set_reshard_after_backward(False, recurse=False)
+    assert internals.fsdp2_reshards_after_backward(model) is False
+    assert internals.fsdp2_reshards_after_backward(model[0]) is True  # the root's own parameters only
+
+
+def test_register_fsdp_forward_method_says_which_torch_it_needs(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.distributed.fsdp", None)
+    monkeypatch.setitem(sys.modules, "torch.distributed._composable.fsdp", None)
+    with pytest.raises(ImportError, match=r"register_fsdp_forward_method needs torch>=2.4 .*pip install 'torch>=2.4'"):
+        internals.register_fsdp_forward_method(torch.nn.Linear(2, 2), "forward")
+
+
 def test_fully_shard_api_says_which_torch_it_needs(monkeypatch):
     # Neither torch.distributed.fsdp.fully_shard (torch >= 2.6) nor torch.distributed._composable.fsdp (2.4, 2.5)
     monkeypatch.setitem(sys.modules, "torch.distributed.fsdp", None)

@@ -245,7 +245,8 @@ class MT2STCallback(Callback):
             return  # a step the guard skips is never observed ("raise" raises here)
         record = step_record.as_backpropagated(record, loss, trainer, pl_module.automatic_optimization, self.strategy)
         assert self._reducer is not None and self._time is not None
-        self.policy.observe_step(self._time, record, self._reducer)
+        with sharding.root_kept_gathered(pl_module):  # FSDP2: a measurement's backward would reshard the root
+            self.policy.observe_step(self._time, record, self._reducer)
         found = self.policy.diagnostics() if self.log_weights and trainer.loggers else None
         if found:
             self._log({names.policy_metric(self.policy.name, key): value for key, value in found.items()}, trainer)

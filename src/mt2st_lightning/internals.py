@@ -18,11 +18,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
     "ddp_comm_hook",
+    "fsdp2_reshards_after_backward",
     "fsdp2_units",
     "fully_shard_api",
     "is_dtensor",
     "is_logging_step",
     "logging_step",
+    "register_fsdp_forward_method",
     "register_load_state_dict_pre_hook",
     "register_state_dict_post_hook",
     "relaunches_script",
@@ -85,6 +87,31 @@ def fully_shard_api() -> tuple[Any, type]:
     return fully_shard, FSDPModule
 
 
+def register_fsdp_forward_method(module: nn.Module, method_name: str) -> None:
+    """Have FSDP2 gather ``module``'s parameters around ``module.<method_name>(...)`` as around its ``forward``
+    (``torch.distributed.fsdp.register_fsdp_forward_method``, public from torch 2.6; PRIVATE (PyTorch) before, in
+    ``torch.distributed._composable.fsdp``, torch 2.4, 2.5). A no-op on a module that is not an FSDP2 unit."""
+    try:
+        from torch.distributed.fsdp import register_fsdp_forward_method as register
+    except ImportError:  # torch < 2.6
+        try:
+            from torch.distributed._composable.fsdp import register_fsdp_forward_method as register  # type: ignore
+        except ImportError as error:  # torch < 2.4, or a build without torch.distributed
+            raise ImportError(
+                f"FSDP2's register_fsdp_forward_method needs torch>=2.4 built with torch.distributed, as Lightning's "
+                f"ModelParallelStrategy does; this is torch {torch.__version__}: pip install 'torch>=2.4'"
+            ) from error
+    register(module, method_name)
+
+
+def _own_param_groups(state: Any) -> list[Any]:
+    # An FSDP2 state's parameter groups: `_fsdp_param_groups`; older torch: one `_fsdp_param_group`.
+    found = getattr(state, "_fsdp_param_groups", None)
+    if found is None:
+        found = [g for g in (getattr(state, "_fsdp_param_group", None),) if g is not None]
+    return list(found)
+
+
 def _fsdp2_param_groups(module: nn.Module) -> list[Any]:
     # Each FSDP2 state's parameter groups, once each (a state is shared by the modules of fully_shard([a, b])).
     try:
@@ -94,12 +121,16 @@ def _fsdp2_param_groups(module: nn.Module) -> list[Any]:
     groups: dict[int, Any] = {}
     for sub in module.modules():
         if isinstance(sub, fsdp_module):
-            state = fully_shard.state(sub)
-            found = getattr(state, "_fsdp_param_groups", None)
-            if found is None:  # older torch: one `_fsdp_param_group` per state
-                found = [g for g in (getattr(state, "_fsdp_param_group", None),) if g is not None]
-            groups.update((id(g), g) for g in found)
+            groups.update((id(g), g) for g in _own_param_groups(fully_shard.state(sub)))
     return list(groups.values())
+
+
+def fsdp2_reshards_after_backward(unit: nn.Module) -> bool:
+    """PRIVATE (PyTorch): ``fully_shard.state(unit)._fsdp_param_groups[i].reshard_after_backward``: whether the
+    FSDP2 unit ``unit`` (its own parameters, not its inner units') frees its gathered parameters after a backward,
+    which the public ``FSDPModule.set_reshard_after_backward`` sets and nothing public reads."""
+    fully_shard, _ = fully_shard_api()
+    return all(group.reshard_after_backward for group in _own_param_groups(fully_shard.state(unit)))
 
 
 def fsdp2_units(module: nn.Module) -> list[list[nn.Parameter]]:

@@ -401,9 +401,10 @@ class _DropState(nn.Module):
 
 def _register_shards(head: nn.Module) -> None:
     """Have FSDP2 register the shards of ``head``'s units again (``FSDPModule.reshard``), so that a drop freezes,
-    frees and releases the parameters the optimizer and the checkpoints hold. A unit called without a backward
-    after it (a no-grad forward: a validation_step that runs every head, a user's call) keeps its gathered, full
-    parameters registered, since FSDP2 does not reshard a root after forward. Nothing to do without FSDP2."""
+    frees and releases the parameters the optimizer and the checkpoints hold. A unit that does not reshard after
+    forward (sharded with ``reshard_after_forward=False``, or a head called on its own, which makes it an FSDP2
+    root) keeps its gathered, full parameters registered after a forward without a backward (a no-grad forward:
+    a validation_step that runs every head, a user's call). Nothing to do without FSDP2."""
     try:
         _, fsdp_module = internals.fully_shard_api()
     except ImportError:  # no FSDP2 in this torch: nothing is sharded with it

@@ -5,14 +5,15 @@ one, which all-gathers its parameters before forward and reduce-scatters their g
 whole. A dropped auxiliary head stops costing anything only if its parameters form units of their own: then
 the head is not called, its unit neither all-gathers nor reduce-scatters, and its shards can be freed.
 :func:`fully_shard_tasks` shards a :class:`~mt2st_lightning.mixin.MT2STMixin` module that way (each given
-encoder block, each task head, then what is left of each top-level part); :func:`check_head_units` refuses,
-before training, a module sharded otherwise (by FSDP2 or by Lightning's FSDP1 auto-wrap), where a drop could
-free nothing.
+encoder block, each task head, then the LightningModule itself as the one root unit, whose step methods FSDP2
+treats as forwards); :func:`check_head_units` refuses, before training, a module sharded otherwise (by FSDP2 or
+by Lightning's FSDP1 auto-wrap), where a drop could free nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -21,7 +22,12 @@ from torch import nn
 from mt2st_lightning import internals
 from mt2st_lightning.mixin import MT2STMixin, mt2st_module
 
-__all__ = ["check_head_units", "fully_shard_tasks"]
+__all__ = ["check_head_units", "fully_shard_tasks", "root_kept_gathered"]
+
+
+# The LightningModule methods Lightning calls instead of ``forward`` (ModelParallelStrategy calls them on the module
+# itself, unwrapped): FSDP2 gathers the root unit's parameters around each, as around a forward.
+_STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
 
 
 def fully_shard_tasks(
@@ -30,17 +36,21 @@ def fully_shard_tasks(
     """Shard an ``MT2STMixin`` LightningModule with FSDP2 so that a drop can free something.
 
     Each module in ``encoder_units`` (e.g. the transformer blocks) becomes a unit of its own, each declared task
-    head (the primary's too) a unit of its own, and then each direct child of the module that still holds
-    parameters outside those units (e.g. the encoder around its blocks, with its embeddings and norms). Call it
-    from the module's ``configure_model`` under Lightning's ``ModelParallelStrategy``::
+    head (the primary's too) a unit of its own, and then the LightningModule itself the root unit, which holds
+    every parameter no other unit does (e.g. embeddings, positions, a final norm, parameters registered on the
+    module itself). Call it from the module's ``configure_model`` under Lightning's ``ModelParallelStrategy``::
 
         def configure_model(self):
             fully_shard_tasks(self, encoder_units=self.encoder.layers)
 
-    The LightningModule itself is not sharded: ``training_step`` calls the encoder and the heads, not the
-    module's ``forward``, so FSDP2 would never gather parameters held by the module itself. Each top-level unit
-    (the encoder, each head) is thus an FSDP2 root of its own, which gathers its parameters when it is called;
-    a parameter registered on the module itself is refused (move it into a submodule).
+    Lightning calls ``training_step`` (and ``validation_step``, ``test_step``, ``predict_step``) on the module
+    itself, not its ``forward``: each is registered as a forward method of the root
+    (``torch.distributed.fsdp.register_fsdp_forward_method``). So every step enters through the one root, whose
+    parameters are gathered for the whole step, and every inner unit (each encoder unit, each head) gathers its
+    parameters when it is called and frees them again after its forward (FSDP2 reshards every unit but the root
+    after forward) and after its backward: between forward and backward a rank holds only the root's and the
+    running unit's full parameters, not the whole model's. A head that is not called (a dropped one) gathers
+    nothing.
 
     Args:
         module: the LightningModule, after ``declare_tasks``.
@@ -49,19 +59,14 @@ def fully_shard_tasks(
         encoder_units: submodules to shard as units of their own, e.g. an encoder's blocks.
         **fully_shard_kwargs: passed to every ``fully_shard`` call (``reshard_after_forward``, ``mp_policy``, ...).
 
-    Units are sharded innermost first, as FSDP2 requires; a module that is already an FSDP2 unit (e.g. a head's
-    blocks the user sharded first) is left as it is, so that a second call (Lightning calls ``configure_model``
-    again before testing) changes nothing.
+    Units are sharded innermost first, as FSDP2 requires; a unit that is already an FSDP2 unit (e.g. a head the
+    user sharded first) is left as it is, and so is a module sharded by an earlier call: a second call (Lightning
+    calls ``configure_model`` again before testing) changes nothing.
     """
     mixin = mt2st_module(module)
-    own = [name for name, _ in module.named_parameters(recurse=False)]
-    if own:
-        raise ValueError(
-            f"fully_shard_tasks: {own} are registered on {type(module).__name__} itself; FSDP2 gathers a unit's "
-            "parameters when the unit is called, and training_step never calls the LightningModule. Move them into "
-            "a submodule (e.g. the encoder)"
-        )
     fully_shard, fsdp_module = internals.fully_shard_api()
+    if isinstance(module, fsdp_module):  # sharded by an earlier call: configure_model must be idempotent
+        return
     if mesh is None:
         mesh = _data_parallel_mesh(module)
     depth = {id(sub): name.count(".") + 1 if name else 0 for name, sub in module.named_modules(remove_duplicate=False)}
@@ -71,18 +76,40 @@ def fully_shard_tasks(
             raise ValueError(f"fully_shard_tasks: {type(unit).__name__} is not a submodule of {type(module).__name__}")
         if unit is module:
             raise ValueError("fully_shard_tasks: list submodules of the module as units, not the module itself")
-
-    def shard(unit: nn.Module) -> None:
-        # Only for parameters that no unit holds yet (a unit's parameters may be gathered, after a forward).
+    # Innermost first: a unit's parameters are those of its subtree that no unit sharded before it holds.
+    for unit in sorted(units, key=lambda u: -depth[id(u)]):
         held = {id(p) for m in unit.modules() if isinstance(m, fsdp_module) for p in m.parameters()}
         if not isinstance(unit, fsdp_module) and any(id(p) not in held for p in unit.parameters()):
             fully_shard(unit, mesh=mesh, **fully_shard_kwargs)
+    fully_shard(module, mesh=mesh, **fully_shard_kwargs)  # the root: what is left
+    for name in _STEP_METHODS:
+        internals.register_fsdp_forward_method(module, name)
 
-    # Innermost first: a unit's parameters are those of its subtree that no unit sharded before it holds.
-    for unit in sorted(units, key=lambda u: -depth[id(u)]):
-        shard(unit)
-    for child in module.children():  # what is left: the encoder around its blocks, embeddings, norms
-        shard(child)
+
+@contextlib.contextmanager
+def root_kept_gathered(module: nn.Module) -> Iterator[None]:
+    """Keep an FSDP2 root's own parameters gathered through backward passes run before the step's own (the
+    policies' measurements of each task's gradient, ``torch.autograd.grad`` of each task's loss).
+
+    Every backward ends with FSDP2's root post-backward callback, which reshards each unit. An inner unit gathers
+    its parameters again for the next backward (its hook is on its output), but the root's are gathered by its
+    pre-forward only (its backward hook is on the step's output, the summed loss), so a second backward through
+    them (the text transformer's embedding, for one) would read freed storage. Kept gathered, they are freed by
+    the step's own backward, as without a measurement. Nothing to do for a module that is not an FSDP2 root."""
+    try:
+        _, fsdp_module = internals.fully_shard_api()
+    except ImportError:  # no FSDP2 in this torch: nothing is sharded with it
+        yield
+        return
+    if not isinstance(module, fsdp_module):
+        yield
+        return
+    reshards = internals.fsdp2_reshards_after_backward(module)
+    module.set_reshard_after_backward(False, recurse=False)
+    try:
+        yield
+    finally:
+        module.set_reshard_after_backward(reshards, recurse=False)
 
 
 def _data_parallel_mesh(module: nn.Module) -> Any:

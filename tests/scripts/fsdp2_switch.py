@@ -37,7 +37,8 @@ AUX = ("recon", "parity")
 
 
 class Sharded(MultiTaskModel):
-    """The toy model, sharded by the library's helper: each encoder Linear, each head, then the root."""
+    """The toy model, sharded by the library's helper: each encoder Linear, each head, then the module itself as
+    the root (which holds no parameter here)."""
 
     def configure_model(self):
         fully_shard_tasks(self, encoder_units=[m for m in self.encoder.net if isinstance(m, torch.nn.Linear)])
@@ -117,7 +118,7 @@ SCORES = {0: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], 1: [0.1, 0.3, 0.3, 0.3, 0.3, 0.3]} 
 
 class LocalScore(Sharded):
     """Logs a score of this rank's own (no sync_dist): only rank 1's would trigger the plateau. Its validation runs
-    every active head, which leaves them gathered (no backward reshards them) when the drop comes."""
+    every active head (a no-grad forward, just before the drop)."""
 
     def validation_step(self, batch, batch_idx):
         super().validation_step(batch, batch_idx)
