@@ -427,6 +427,15 @@ def test_the_weight_plot_says_where_its_weights_start_and_draws_runs_without_a_c
     assert ax.get_xlabel() == "training step (optimizer steps)" and "unitless" in ax.get_ylabel()
 
 
+def test_the_curves_of_runs_without_a_training_loss_still_draw_their_drops(tmp_path):
+    # Validation rows only (no training loss to put on a log axis), and a drop to mark.
+    from mt2st_lightning.report.plots import plot_curves
+
+    write_run(tmp_path, "a", strategy="switch", seed=0, flops=1, val=[(9, 0.5, 1, 1), (19, 0.6, 2, 2)], drop_times={"recon": 10})
+    paths = plot_curves(collect_runs(tmp_path), tmp_path)
+    assert [p.name for p in paths] == ["curves_vs_step.png", "curves_vs_flops.png"] and all(p.exists() for p in paths)
+
+
 def test_the_curves_show_accuracy_in_percent_with_one_legend_and_the_drops(sweep):
     report = write_report(sweep)
     assert {p.name for p in report.plots} >= {"curves_vs_step.png", "curves_vs_flops.png"}

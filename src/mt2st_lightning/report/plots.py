@@ -125,11 +125,13 @@ def plot_curves(runs: Sequence[Run], out_dir: Path) -> list[Path]:
             (axes[0][1], VAL_METRIC, val_x, 100.0, textwrap.fill(f"validation {metric} of '{primary}' ({unit})", 36)),
         )
         handles, labels = [], []
+        positive_loss = False
         for panel, (ax, y, x, y_scale, ylabel) in enumerate(panels):
             for i, group in enumerate(groups):
                 style = _style(i, 1)
                 for run in group.runs:
                     pts = [xy for _, xy in sorted(_series(run, y, x).items())]  # in step order
+                    positive_loss = positive_loss or (panel == 0 and any(p[1] > 0 for p in pts))
                     ax.plot([p[0] / x_scale for p in pts], [p[1] * y_scale for p in pts], color=style["color"], alpha=0.2, linewidth=0.8)
                 xs, ys = _mean_curve(group.runs, y, x)
                 (line,) = ax.plot(
@@ -143,7 +145,8 @@ def plot_curves(runs: Sequence[Run], out_dir: Path) -> list[Path]:
                     labels.append(f"{group.label} (mean of {n} runs)" if n > 1 else f"{group.label} (1 run)")
             ax.set(xlabel=xlabel, ylabel=ylabel)
             ax.grid(alpha=0.3)
-        axes[0][0].set_yscale("log")
+        if positive_loss:  # matplotlib refuses a log axis with nothing positive on it (no loss logged)
+            axes[0][0].set_yscale("log")
         axes[0][0].set_title("Primary task: training loss", fontsize=10)
         axes[0][1].set_title(f"Primary task: validation {metric}", fontsize=10)
         if any(_drop_points(g, axis) for g in groups):
