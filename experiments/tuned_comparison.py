@@ -137,9 +137,12 @@ def main() -> None:
         for side in SIDES:
             rerun(args.setting, side, best[side], args.seeds, out / side, args.overrides)
     table = compare(out, best)
+    # From the studies, not the arguments: --analyse-only reads searches run with any --trials.
+    trials = {side: best[side]["finished_trials"] for side in SIDES}
+    per_side = f"{trials['stl']}" if len(set(trials.values())) == 1 else f"STL {trials['stl']}, Switch {trials['switch']}"
     (out / "comparison.md").write_text(
         f"# Tuned STL against tuned Switch: {args.setting}\n\n"
-        f"{args.trials} trials per side; re-run seeds {args.seeds}"
+        f"{per_side} trials per side; re-run seeds {args.seeds}"
         + ("" if args.analyse_only else f"; {time.time() - started:.0f} s in all")
         + f".\n\n{table}\n"
     )

@@ -48,6 +48,7 @@ def train_commands(pages: Iterable[Path]) -> list[str]:
         blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
         blocks += re.findall(r"^    (mt2st-train .*)$", text, flags=re.M)
         for block in blocks:
+            block = re.sub(r"\\\n\s*", " ", block)  # a command continued over lines (trailing \) is one command
             lines += [line.split("#")[0].strip() for line in block.splitlines() if line.strip().startswith("mt2st-train")]
     return lines
 

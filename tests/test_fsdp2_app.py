@@ -70,10 +70,11 @@ def test_a_checkpoint_folder_without_its_metadata_is_refused_before_anything_is_
     assert not (tmp_path / "out").exists()
 
 
-def test_the_fsdp2_slurm_command_of_the_docs_matches_nodes_devices_and_the_mesh():
-    # docs/distributed.md: the FSDP2 run on 2 SLURM nodes x 4 GPUs, one command over three lines.
+@pytest.mark.parametrize("page", ["README.md", "docs/distributed.md"])
+def test_the_fsdp2_slurm_command_of_the_docs_matches_nodes_devices_and_the_mesh(page):
+    # The FSDP2 run on 2 SLURM nodes x 4 GPUs: one line in the README, three in docs/distributed.md.
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the optional extra [slurm]")
-    text = (REPO / "docs" / "distributed.md").read_text()
+    text = (REPO / page).read_text()
     joined = text.replace("\\\n", " ")  # the continuation lines joined
     (command,) = [c for c in re.findall(r"^mt2st-train .*$", joined, flags=re.M) if "trainer=fsdp2" in c and "slurm" in c]
     overrides = [arg for arg in command.split()[1:] if arg != "--multirun"]

@@ -71,9 +71,16 @@ def test_ddp_comm_hook_reads_the_registered_hook():
     assert internals.ddp_comm_hook(DDPStrategy()) is None
 
 
-@pytest.mark.parametrize(("strategy", "relaunches"), [("ddp", True), ("ddp_spawn", False)])
+@pytest.mark.parametrize(
+    ("strategy", "relaunches"),
+    [("ddp", True), ("ddp_spawn", False), ("fsdp2", True)],  # fsdp2: trainer=fsdp2_cpu is refused in a --multirun too
+)
 def test_relaunches_script_recognises_the_subprocess_launcher(strategy, relaunches):
     # lightning.pytorch.strategies.launchers._SubprocessScriptLauncher
+    if strategy == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False)
     assert internals.relaunches_script(trainer.strategy) is relaunches
 

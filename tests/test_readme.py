@@ -50,10 +50,12 @@ def test_the_two_commands_install_what_they_run():
     # [all] holds every optional part the main job needs (the app runs the example models and writes the report);
     # [test] holds all of that, and the docs tools for the docs build test.
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    for part in ("app", "report", "examples", "text"):
+    for part in ("app", "report", "examples", "text", "search"):
         assert set(extras[part]) <= set(extras["all"]), f"[all] misses part of [{part}]"
     for part in ("all", "docs"):
         assert set(extras[part]) <= set(extras["test"]), f"[test] misses part of [{part}]"
+    # [search] runs the app (mt2st-train --multirun hparams_search=...) and draws Optuna's plots.
+    assert set(extras["app"]) | set(extras["report"]) <= set(extras["search"])
 
 
 def test_readme_architecture_names_the_four_packages_and_their_extras():

@@ -57,9 +57,38 @@ def test_each_preset_composes_with_each_setting_into_its_search_space(preset, se
     assert trial.strategy.strategy == strategy and trial.seed == 0
 
 
+def test_the_flops_preset_states_its_penalty_and_takes_the_target_from_the_command_line():
+    cfg = compose_train("experiment=paper_digits", "hparams_search=switch_flops_optuna", hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert (sweeper.optimized_metric, sweeper.direction, sweeper.study_name) == ("flops_to_target", "minimize", "switch_flops")
+    assert sweeper.objective_params == {"target": None, "penalty": 2.0}
+    with pytest.raises(SearchConfigError, match="target=None is not a number"):  # before any trial
+        _search(**{k: OmegaConf.to_container(sweeper[k]) if k in ("params", "objective_params") else sweeper[k]
+                   for k in ("study_name", "optimized_metric", "direction", "objective_params", "params")}).check([])
+    cfg = compose_train(
+        "experiment=paper_digits", "hparams_search=switch_flops_optuna", "hydra.sweeper.objective_params.target=0.95",
+        hydra_config=True,
+    )
+    assert cfg.hydra.sweeper.objective_params.target == 0.95
+    space = parse_search_space(OmegaConf.to_container(cfg.hydra.sweeper.params), [])
+    assert set(space.distributions) == PRESETS["switch_optuna"][1]
+
+
 def test_switch_and_stl_get_the_same_number_of_trials():
     n = {p: compose_train(f"hparams_search={p}", hydra_config=True).hydra.sweeper.n_trials for p in PRESETS}
     assert n["switch_optuna"] == n["stl_optuna"]
+
+
+@pytest.mark.parametrize("launcher", ["submitit_local", "slurm"])
+def test_a_search_composes_with_the_parallel_launchers(launcher):
+    # The README: trials run in parallel with hydra.sweeper.n_jobs=N and hydra/launcher=submitit_local or slurm.
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the optional extra [slurm]")
+    cfg = compose_train(
+        "experiment=paper_digits", "hparams_search=switch_optuna", "hydra.sweeper.n_jobs=2", f"hydra/launcher={launcher}",
+        hydra_config=True,
+    )
+    assert cfg.hydra.sweeper._target_ == "hydra_plugins.mt2st_optuna_sweeper.MT2STOptunaSweeper"
+    assert cfg.hydra.sweeper.n_jobs == 2 and "submitit" in cfg.hydra.launcher._target_
 
 
 def test_the_space_is_hydras_sweep_syntax():
@@ -98,6 +127,10 @@ def _search(**changes):
         (
             {"optimized_metric": "flops_to_target", "direction": "minimize", "objective_params": {"target": 0.9, "penalty": 0.5}},
             "penalty=0.5 must be >= 1",
+        ),
+        (
+            {"optimized_metric": "flops_to_target", "direction": "minimize", "objective_params": {"target": None, "penalty": 2.0}},
+            "target=None is not a number; give the validation value",
         ),
         ({"params": {"model.lr": "interval(0.01, 0.001)"}}, "is empty; write interval(low, high) with low < high"),
         ({"params": {"model.lr": "tag(log, interval(0, 0.1))"}}, "needs low > 0"),

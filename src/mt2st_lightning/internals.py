@@ -71,36 +71,37 @@ def relaunches_script(strategy: Strategy) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- FSDP2 (fully_shard)
+def _fsdp2_names(*names: str, what: str) -> tuple[Any, ...]:
+    """``names`` from ``torch.distributed.fsdp``, public from torch 2.6; PRIVATE (PyTorch) before, in
+    ``torch.distributed._composable.fsdp`` (torch 2.4, 2.5). ``what`` needs them: the error names it."""
+    import importlib
+
+    for path in ("torch.distributed.fsdp", "torch.distributed._composable.fsdp"):
+        try:
+            module = importlib.import_module(path)
+        except ImportError:
+            continue
+        if all(hasattr(module, name) for name in names):
+            return tuple(getattr(module, name) for name in names)
+    # torch < 2.4, or a build without torch.distributed
+    raise ImportError(
+        f"{what} needs torch>=2.4 built with torch.distributed, as Lightning's ModelParallelStrategy does; "
+        f"this is torch {torch.__version__}: pip install 'torch>=2.4'"
+    )
+
+
 def fully_shard_api() -> tuple[Any, type]:
     """``(fully_shard, FSDPModule)``: public in ``torch.distributed.fsdp`` from torch 2.6; PRIVATE (PyTorch) before,
     in ``torch.distributed._composable.fsdp`` (torch 2.4, 2.5)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule, fully_shard
-    except ImportError:  # torch < 2.6
-        try:
-            from torch.distributed._composable.fsdp import FSDPModule, fully_shard  # type: ignore[no-redef]
-        except ImportError as error:  # torch < 2.4, or a build without torch.distributed
-            raise ImportError(
-                f"FSDP2 (fully_shard) needs torch>=2.4 built with torch.distributed, as Lightning's "
-                f"ModelParallelStrategy does; this is torch {torch.__version__}: pip install 'torch>=2.4'"
-            ) from error
-    return fully_shard, FSDPModule
+    fully_shard, fsdp_module = _fsdp2_names("fully_shard", "FSDPModule", what="FSDP2 (fully_shard)")
+    return fully_shard, fsdp_module
 
 
 def register_fsdp_forward_method(module: nn.Module, method_name: str) -> None:
     """Have FSDP2 gather ``module``'s parameters around ``module.<method_name>(...)`` as around its ``forward``
     (``torch.distributed.fsdp.register_fsdp_forward_method``, public from torch 2.6; PRIVATE (PyTorch) before, in
     ``torch.distributed._composable.fsdp``, torch 2.4, 2.5). A no-op on a module that is not an FSDP2 unit."""
-    try:
-        from torch.distributed.fsdp import register_fsdp_forward_method as register
-    except ImportError:  # torch < 2.6
-        try:
-            from torch.distributed._composable.fsdp import register_fsdp_forward_method as register  # type: ignore
-        except ImportError as error:  # torch < 2.4, or a build without torch.distributed
-            raise ImportError(
-                f"FSDP2's register_fsdp_forward_method needs torch>=2.4 built with torch.distributed, as Lightning's "
-                f"ModelParallelStrategy does; this is torch {torch.__version__}: pip install 'torch>=2.4'"
-            ) from error
+    (register,) = _fsdp2_names("register_fsdp_forward_method", what="FSDP2's register_fsdp_forward_method")
     register(module, method_name)
 
 

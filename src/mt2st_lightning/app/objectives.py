@@ -127,6 +127,11 @@ def best_val_primary_metric(run: Run) -> float | None:
 
 
 def _check_penalty(*, target: float, penalty: float) -> None:
+    if isinstance(target, bool) or not isinstance(target, (int, float)):
+        raise ObjectiveError(
+            f"flops_to_target: target={target!r} is not a number; give the validation value of the primary metric "
+            "to reach, e.g. hydra.sweeper.objective_params.target=0.9"
+        )
     if not penalty >= 1:
         raise ObjectiveError(
             f"flops_to_target: penalty={penalty} must be >= 1 (a run that misses the target must not score better "
