@@ -227,17 +227,22 @@ class ReshardProbe(MultiTaskModel):
         return loss
 
 
+def one_process_fsdp2_trainer(root, **kwargs) -> pl.Trainer:
+    """A quiet one-process Trainer under ModelParallelStrategy (FSDP2 over a gloo group of one)."""
+    return pl.Trainer(
+        accelerator="cpu", devices=1, strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=root, **kwargs,
+    )
+
+
 @pytest.mark.usefixtures("restored_environ")
 def test_each_unit_but_the_root_is_sharded_again_from_its_forward_to_its_backward(tmp_path):
     # The point of the single root: FSDP2 does not reshard a root after forward, so were each encoder unit and
     # head a root of its own, the whole model would stay unsharded from forward to backward.
     pl.seed_everything(0)
     model = ReshardProbe(MLPEncoder(in_features=16, hidden=32, depth=2), TASKS, primary="label", head_hidden=8)
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
-        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
-    )
+    trainer = one_process_fsdp2_trainer(tmp_path, max_steps=2)
     try:
         trainer.fit(model, toy_loader())
     finally:
@@ -346,11 +351,7 @@ class ShardedWithEncoder(MultiTaskModel):
 def test_a_head_sharded_with_the_encoder_is_refused_before_training(tmp_path):
     pl.seed_everything(0)
     model = ShardedWithEncoder(MLPEncoder(in_features=16, hidden=32, depth=2), TASKS, primary="label", head_hidden=8)
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
-        callbacks=[MT2STCallback("switch", switch_at=2)], max_steps=3, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-    )
+    trainer = one_process_fsdp2_trainer(tmp_path, callbacks=[MT2STCallback("switch", switch_at=2)], max_steps=3)
     try:
         with pytest.raises(RuntimeError, match=r"cannot drop the auxiliary head 'recon': it is sharded in one FSDP "
                                                r"unit together with encoder\.net\.1\.weight"):
