@@ -202,6 +202,19 @@ def test_register_state_dict_post_hook_changes_the_entries_in_place():
 
 
 @pytest.mark.usefixtures("process_group")
+def test_fsdp2_modules_lists_the_fully_shard_units_outermost_first():
+    # isinstance(m, FSDPModule), FSDPModule from fully_shard_api(): what fully_shard turned into a unit
+    fully_shard, _ = internals.fully_shard_api()
+    inner, plain = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    model = torch.nn.Sequential(inner, plain)
+    assert internals.fsdp2_modules(model) == [] and not internals.is_fsdp2_module(model)
+    fully_shard(inner)
+    fully_shard(model)
+    assert internals.fsdp2_modules(model) == [model, inner]
+    assert internals.is_fsdp2_module(inner) and not internals.is_fsdp2_module(plain)
+
+
+@pytest.mark.usefixtures("process_group")
 def test_is_dtensor_tells_shards_from_plain_tensors():
     # torch.distributed.tensor.DTensor (torch.distributed._tensor before torch 2.5)
     fully_shard, _ = internals.fully_shard_api()

@@ -18,10 +18,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
     "ddp_comm_hook",
+    "fsdp2_modules",
     "fsdp2_reshards_after_backward",
     "fsdp2_units",
     "fully_shard_api",
     "is_dtensor",
+    "is_fsdp2_module",
     "is_logging_step",
     "logging_step",
     "register_fsdp_forward_method",
@@ -113,16 +115,27 @@ def _own_param_groups(state: Any) -> list[Any]:
     return list(found)
 
 
+def is_fsdp2_module(module: nn.Module) -> bool:
+    """Whether ``fully_shard`` made ``module`` an FSDP2 unit (an ``FSDPModule``, see :func:`fully_shard_api`);
+    never on a torch without FSDP2, where nothing can be sharded with it."""
+    try:
+        _, fsdp_module = fully_shard_api()
+    except ImportError:
+        return False
+    return isinstance(module, fsdp_module)
+
+
+def fsdp2_modules(module: nn.Module) -> list[nn.Module]:
+    """``module`` and those of its submodules that are FSDP2 units (:func:`is_fsdp2_module`), outermost first."""
+    return [sub for sub in module.modules() if is_fsdp2_module(sub)]
+
+
 def _fsdp2_param_groups(module: nn.Module) -> list[Any]:
     # Each FSDP2 state's parameter groups, once each (a state is shared by the modules of fully_shard([a, b])).
-    try:
-        fully_shard, fsdp_module = fully_shard_api()
-    except ImportError:  # no FSDP2 in this torch: nothing is sharded with it
-        return []
     groups: dict[int, Any] = {}
-    for sub in module.modules():
-        if isinstance(sub, fsdp_module):
-            groups.update((id(g), g) for g in _own_param_groups(fully_shard.state(sub)))
+    for sub in fsdp2_modules(module):
+        fully_shard, _ = fully_shard_api()
+        groups.update((id(g), g) for g in _own_param_groups(fully_shard.state(sub)))
     return list(groups.values())
 
 

@@ -405,13 +405,8 @@ def _register_shards(head: nn.Module) -> None:
     forward (sharded with ``reshard_after_forward=False``, or a head called on its own, which makes it an FSDP2
     root) keeps its gathered, full parameters registered after a forward without a backward (a no-grad forward:
     a validation_step that runs every head, a user's call). Nothing to do without FSDP2."""
-    try:
-        _, fsdp_module = internals.fully_shard_api()
-    except ImportError:  # no FSDP2 in this torch: nothing is sharded with it
-        return
-    for sub in head.modules():
-        if isinstance(sub, fsdp_module):
-            sub.reshard()
+    for unit in internals.fsdp2_modules(head):
+        unit.reshard()
 
 
 def _ignore_untracked_drop_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

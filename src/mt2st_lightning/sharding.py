@@ -64,8 +64,8 @@ def fully_shard_tasks(
     calls ``configure_model`` again before testing) changes nothing.
     """
     mixin = mt2st_module(module)
-    fully_shard, fsdp_module = internals.fully_shard_api()
-    if isinstance(module, fsdp_module):  # sharded by an earlier call: configure_model must be idempotent
+    fully_shard, _ = internals.fully_shard_api()
+    if internals.is_fsdp2_module(module):  # sharded by an earlier call: configure_model must be idempotent
         return
     if mesh is None:
         mesh = _data_parallel_mesh(module)
@@ -78,8 +78,8 @@ def fully_shard_tasks(
             raise ValueError("fully_shard_tasks: list submodules of the module as units, not the module itself")
     # Innermost first: a unit's parameters are those of its subtree that no unit sharded before it holds.
     for unit in sorted(units, key=lambda u: -depth[id(u)]):
-        held = {id(p) for m in unit.modules() if isinstance(m, fsdp_module) for p in m.parameters()}
-        if not isinstance(unit, fsdp_module) and any(id(p) not in held for p in unit.parameters()):
+        held = {id(p) for m in internals.fsdp2_modules(unit) for p in m.parameters()}
+        if not internals.is_fsdp2_module(unit) and any(id(p) not in held for p in unit.parameters()):
             fully_shard(unit, mesh=mesh, **fully_shard_kwargs)
     fully_shard(module, mesh=mesh, **fully_shard_kwargs)  # the root: what is left
     for name in _STEP_METHODS:
@@ -96,12 +96,7 @@ def root_kept_gathered(module: nn.Module) -> Iterator[None]:
     pre-forward only (its backward hook is on the step's output, the summed loss), so a second backward through
     them (the text transformer's embedding, for one) would read freed storage. Kept gathered, they are freed by
     the step's own backward, as without a measurement. Nothing to do for a module that is not an FSDP2 root."""
-    try:
-        _, fsdp_module = internals.fully_shard_api()
-    except ImportError:  # no FSDP2 in this torch: nothing is sharded with it
-        yield
-        return
-    if not isinstance(module, fsdp_module):
+    if not internals.is_fsdp2_module(module):
         yield
         return
     reshards = internals.fsdp2_reshards_after_backward(module)
