@@ -179,8 +179,8 @@ class OptunaSearch:
 
         try:
             _ = result.return_value  # raises the run's exception if it failed
-            # The job's folder (trial_<n>/ in the presets), where the app writes the run; not the value the run
-            # returns, which is its test metric (a search tunes on validation).
+            # The job's folder (trial_<n>/ in the presets), where the app writes the run: the objective the preset
+            # names reads it there (the value the run returns is one fixed metric, its best validation value).
             run_dir = Path(result.hydra_cfg.hydra.runtime.output_dir)
             trial.set_user_attr("run_dir", str(run_dir))
             value = objective(run_dir, **self.objective_params)
